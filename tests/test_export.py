@@ -1,0 +1,203 @@
+"""The exporter: the package matches the notebooks, and bad notebooks get clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmcourse import export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_package_matches_notebooks():
+    """CI fails when a notebook changed and `python -m llmcourse.export` was not run (or a module was hand-edited)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "llmcourse.export", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- a scratch repository with notebooks we write ourselves ---------------------------------------
+
+
+def make_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
+    """Write a minimal notebook: cells are (cell_type, source) pairs."""
+    nb = {
+        "cells": [
+            {"cell_type": kind, "metadata": {}, "source": src}
+            | ({"execution_count": None, "outputs": []} if kind == "code" else {})
+            for kind, src in cells
+        ],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(nb), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / "llmcourse").mkdir()
+    (tmp_path / "llmcourse" / "export.py").write_text("# Hand-written\n")
+    (tmp_path / "_config.yml").write_text("repository:\n  url: https://github.com/someone/course\n  branch: main\n")
+    return tmp_path
+
+
+TITLE = ("markdown", "# Day 1 · Things\n\nA promise in two sentences. It reads well.")
+
+
+def test_export_writes_module_with_header_all_and_relative_imports(repo):
+    make_notebook(
+        repo / "notebooks/day01_things.ipynb",
+        [
+            TITLE,
+            ("code", "#| default_exp things"),
+            ("code", "#| export\nfrom llmcourse.core import set_seed\nimport math\n\nLIMIT = 3\n\ndef area(r: float) -> float:\n    return math.pi * r * r"),
+            ("code", "area(2)  # not exported"),
+            ("code", "#| exporti\ndef _helper():\n    return 1\n\ndef internal_but_public_name():\n    return 2"),
+            ("code", "#| export\nclass Circle:\n    pass"),
+        ],
+    )
+    assert export.export(repo) == ["things"]
+    text = (repo / "llmcourse/things.py").read_text()
+    assert text.startswith(export.GENERATED_MARK + " from notebooks/day01_things.ipynb.")
+    assert '"""Day 1 · Things.\n\nA promise in two sentences. It reads well.\n"""' in text
+    assert "__all__ = ['LIMIT', 'area', 'Circle']" in text
+    assert "from .core import set_seed" in text and "from llmcourse" not in text
+    assert "area(2)" not in text and "def _helper" in text
+    compile(text, "things.py", "exec")
+    assert export.check(repo) == []
+
+
+def test_check_names_drifted_missing_and_stale_modules(repo):
+    nb = make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#| export\nX = 1")])
+    export.export(repo)
+    (repo / "llmcourse/things.py").write_text((repo / "llmcourse/things.py").read_text() + "# hand edit\n")
+    assert export.check(repo) == ["llmcourse/things.py differs from notebooks/day01_things.ipynb"]
+    (repo / "llmcourse/things.py").unlink()
+    assert "llmcourse/things.py is missing" in export.check(repo)[0]
+    export.export(repo)
+    make_notebook(nb, [TITLE, ("code", "#| default_exp other"), ("code", "#| export\nX = 1")])
+    assert export.check(repo) == [
+        "llmcourse/other.py is missing (exported by notebooks/day01_things.ipynb)",
+        "llmcourse/things.py is generated but no notebook exports it any more",
+    ]
+    export.export(repo)  # regenerating from scratch removes the stale module, keeps hand-written ones
+    assert not (repo / "llmcourse/things.py").exists() and (repo / "llmcourse/export.py").exists()
+    assert export.check(repo) == []
+
+
+def test_cli_check_exit_codes(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#| export\nX = 1")])
+    assert export.main(["--root", str(repo), "--check"]) == 1
+    assert export.main(["--root", str(repo)]) == 0
+    assert export.main(["--root", str(repo), "--check"]) == 0
+
+
+def test_export_without_default_exp_names_notebook_and_cell(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "x = 1"), ("code", "#| export\nX = 1")])
+    with pytest.raises(export.ExportError, match=r"day01_things.ipynb, cell 2: `#\| export` but .*no `#\| default_exp`"):
+        export.export(repo)
+
+
+def test_two_notebooks_claiming_one_module(repo):
+    make_notebook(repo / "notebooks/day01_a.ipynb", [TITLE, ("code", "#| default_exp shared")])
+    make_notebook(repo / "notebooks/day02_b.ipynb", [TITLE, ("code", "#| default_exp shared")])
+    with pytest.raises(export.ExportError, match=r"day02_b.ipynb, cell 1: module `shared` is already exported by notebooks/day01_a.ipynb"):
+        export.export(repo)
+
+
+def test_invalid_python_in_exported_cell(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#| export\ndef broken(:\n    pass")])
+    with pytest.raises(export.ExportError, match=r"day01_things.ipynb, cell 2: exported code is not valid Python \(line 1"):
+        export.export(repo)
+
+
+def test_magics_in_exported_cell_are_rejected(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#| export\n%timeit 1 + 1")])
+    with pytest.raises(export.ExportError, match="not valid Python"):
+        export.export(repo)
+
+
+def test_bad_and_reserved_module_names(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp Bad-Name")])
+    with pytest.raises(export.ExportError, match="not a valid module name"):
+        export.export(repo)
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp export")])
+    with pytest.raises(export.ExportError, match="hand-written module"):
+        export.export(repo)
+
+
+def test_second_module_from_one_notebook(repo):
+    make_notebook(
+        repo / "notebooks/day07_text.ipynb",
+        [TITLE, ("code", "#| default_exp data"), ("code", "#| export\nA = 1"), ("code", "#| export chartok\nB = 2")],
+    )
+    assert export.export(repo) == ["chartok", "data"]
+    assert "B = 2" in (repo / "llmcourse/chartok.py").read_text()
+    assert "B = 2" not in (repo / "llmcourse/data.py").read_text()
+
+
+def test_modules_follow_day_order(repo):
+    make_notebook(repo / "notebooks/day10_b.ipynb", [TITLE, ("code", "#| default_exp b")])
+    make_notebook(repo / "notebooks/day02_a.ipynb", [TITLE, ("code", "#| default_exp a")])
+    assert [p.name for p in export.notebook_paths(repo)] == ["day02_a.ipynb", "day10_b.ipynb"]
+
+
+def test_stamp_inserts_setup_cell_and_badge_once(repo):
+    nb_path = make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things")])
+    assert export.stamp(repo) == [nb_path]
+    assert export.stamp(repo) == []  # idempotent
+    nb = json.loads(nb_path.read_text())
+    title = "".join(nb["cells"][0]["source"])
+    assert title.count(export.BADGE_MARK) == 1
+    assert "colab.research.google.com/github/someone/course/blob/main/notebooks/day01_things.ipynb" in title
+    setup = "".join(nb["cells"][1]["source"])
+    assert setup == export.setup_cell_source(repo)
+    assert '"google.colab" in sys.modules' in setup and "git+https://github.com/someone/course@main" in setup
+    compile(setup, "setup", "exec")
+    assert "".join(nb["cells"][2]["source"]) == "#| default_exp things"
+
+
+def test_stamp_follows_the_repository_in_config(repo):
+    nb_path = make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE])
+    export.stamp(repo)
+    (repo / "_config.yml").write_text("repository:\n  url: https://github.com/elsewhere/fork\n  branch: dev\n")
+    export.stamp(repo)
+    text = nb_path.read_text()
+    assert "someone/course" not in text and "elsewhere/fork@dev" in text and "blob/dev/notebooks" in text
+
+
+def test_stamp_requires_a_title_cell(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [("code", "x = 1")])
+    with pytest.raises(export.ExportError, match="title cell"):
+        export.stamp(repo)
+
+
+def test_run_executes_in_place_and_exports(repo):
+    nb_path = make_notebook(
+        repo / "notebooks/day01_things.ipynb",
+        [TITLE, ("code", "#| default_exp things"), ("code", "#| export\nVALUE = 6 * 7"), ("code", "print(VALUE)")],
+    )
+    export.stamp(repo)
+    # The stamped setup cell imports torch, matplotlib and llmcourse; all are installed in this environment.
+    export.run_notebook(nb_path)
+    nb = json.loads(nb_path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == [1, 2, 3, 4]
+    assert "".join(code[-1]["outputs"][0]["text"]) == "42\n"
+
+
+def test_run_leaves_a_failing_notebook_untouched(repo):
+    nb_path = make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "x = 1"), ("code", "raise ValueError('boom')")])
+    before = nb_path.read_text()
+    with pytest.raises(export.ExportError, match=r"day01_things.ipynb, cell 2 failed"):
+        export.run_notebook(nb_path)
+    assert nb_path.read_text() == before
