@@ -18,14 +18,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 collect_ignore_glob = ["_build/*", ".venv/*"]
 
+NOTEBOOK_BUDGET_SECONDS = 60  # each notebook, on the course's 2-core CPU machine
 _notebook_results: dict[str, set[str]] = defaultdict(set)
+_notebook_seconds: dict[str, float] = defaultdict(float)
 
 
 def pytest_runtest_logreport(report):
     """Remember, per notebook, whether any of its cells failed (nbval makes one test per cell)."""
     path = report.nodeid.split("::", 1)[0]
-    if path.endswith(".ipynb") and (report.when == "call" or report.failed):
-        _notebook_results[path].add(report.outcome)
+    if path.endswith(".ipynb"):
+        _notebook_seconds[path] += report.duration
+        if report.when == "call" or report.failed:
+            _notebook_results[path].add(report.outcome)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -36,3 +40,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"notebooks: {passed} passed, {len(failed)} failed")
     for path in failed:
         terminalreporter.write_line(f"  failed: {path}")
+    slow = sorted(_notebook_seconds.items(), key=lambda item: -item[1])
+    total = sum(_notebook_seconds.values())
+    terminalreporter.write_line(
+        f"notebook time: {total / 60:.1f} min in all; slowest "
+        + ", ".join(f"{Path(p).stem} {s:.0f}s" for p, s in slow[:3])
+    )
+    for path, seconds in slow:
+        if seconds > NOTEBOOK_BUDGET_SECONDS:
+            terminalreporter.write_line(f"  over the {NOTEBOOK_BUDGET_SECONDS} s budget: {path} ({seconds:.0f} s)")

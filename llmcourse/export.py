@@ -211,7 +211,7 @@ def render_module(module: Module) -> str:
         "__all__ = [" + ", ".join(repr(n) for n in exported) + "]",
     ]
     for cell in module.cells:
-        parts.append("")
+        parts.extend(["", ""])  # two blank lines between top-level pieces, as PEP 8 asks
         parts.append(f"# {module.notebook.name}, cell {cell.index}")
         parts.append(relative_imports(cell.source))
     return "\n".join(parts).rstrip() + "\n"
