@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent
 _shared_data = ROOT.parent / "shared" / "data"
 if "LLMCOURSE_DATA_DIR" not in os.environ and _shared_data.is_dir():
     os.environ["LLMCOURSE_DATA_DIR"] = str(_shared_data)
+# OpenMP threads that spin while waiting make torch crawl when another process shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
 import sys
 import time
@@ -387,6 +388,7 @@ def run_notebook(path: Path, timeout: int = 600) -> float:
             cell.outputs = []
             cell.execution_count = None
             cell.metadata.pop("execution", None)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the kernel inherits it; spinning threads crawl on busy cores
     client = nbclient.NotebookClient(
         nb,
         timeout=timeout,
