@@ -45,8 +45,8 @@ def pytest_terminal_summary(terminalreporter):
     slow = sorted(_notebook_seconds.items(), key=lambda item: -item[1])
     total = sum(_notebook_seconds.values())
     terminalreporter.write_line(
-        f"notebook time: {total / 60:.1f} min in all; slowest "
-        + ", ".join(f"{Path(p).stem} {s:.0f}s" for p, s in slow[:3])
+        f"notebook time: {total / 60:.1f} min in all; "
+        + ", ".join(f"{Path(p).stem.split('_')[0]} {s:.0f}s" for p, s in sorted(_notebook_seconds.items()))
     )
     for path, seconds in slow:
         if seconds > NOTEBOOK_BUDGET_SECONDS:

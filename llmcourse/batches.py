@@ -131,7 +131,7 @@ def get_batch(
     return x, y
 
 
-# day09_batches.ipynb, cell 31
+# day09_batches.ipynb, cell 32
 class TokenWindows(Dataset):
     """The windows of a 1-D token sequence as a ``Dataset`` of (x, y) pairs, for use with a ``DataLoader``.
 
@@ -178,7 +178,7 @@ class TokenWindows(Dataset):
         return f"TokenWindows({self._len} windows, block_size={self.block_size}, stride={self.stride})"
 
 
-# day09_batches.ipynb, cell 39
+# day09_batches.ipynb, cell 40
 TOKEN_FILE_MAGIC = b"LLMCTOKS"
 TOKEN_FILE_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, vocab_size, n_tokens: 32 bytes
@@ -207,7 +207,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size={vocab_size:,} is too large for a token file: ids must fit in uint32 (at most 2**32 tokens)")
 
 
-# day09_batches.ipynb, cell 40
+# day09_batches.ipynb, cell 41
 def write_tokens(path: str | os.PathLike, ids: Tokens | list[int], vocab_size: int) -> Path:
     """Write token ids to a file: a 32-byte header, then the ids as uint16 (or uint32 for big vocabularies).
 

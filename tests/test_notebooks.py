@@ -98,3 +98,18 @@ def test_ignored_outputs_are_followed_by_a_check(path):
             assert "assert" in later, f"{path.name}: code cell {i + 1} ignores its output and nothing after it checks"
         assert "NBVAL_SKIP" not in src, f"{path.name}: code cell {i + 1} is skipped; fix it instead"
         assert "NBVAL_RAISES_EXCEPTION" not in src, f"{path.name}: catch and print the error instead"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_shape_of_a_day(path):
+    """Title cell says what the day needs; the lesson ends with exercises and a recap (CONVENTIONS.md)."""
+    cells = load(path)["cells"]
+    assert "**Needs:**" in "".join(cells[0]["source"]), f"{path.name}: the title cell names what it needs from earlier days"
+    markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    for heading in ("## Try it", "## Recap"):
+        assert re.search(rf"^{heading}\s*$", markdown, re.MULTILINE), f"{path.name}: no `{heading}` section"
+    plots = [c for c in code_cells({"cells": cells}) if "plt." in "".join(c["source"])]
+    for cell in plots:
+        src = "".join(cell["source"])
+        if any(k in src for k in ("plt.plot", "plt.imshow", "plt.subplots", "plt.bar", "plt.figure")):
+            assert src.rstrip().endswith("plt.show()"), f"{path.name}: a plotting cell must end with plt.show()"
