@@ -5,7 +5,7 @@
 Today you train your first language model: a bigram model that predicts each character of Shakespeare from the one before it, taking its loss from the random-guess value $\\ln V$ down to the loss of simply counting character pairs, and its samples from gibberish to letter-shaped words. Along the way you build the two small tools every later training day reuses: `estimate_loss`, which measures a model on the training and validation text, and `train_language_model`, a minimal training loop with a progress bar.
 """
 
-__all__ = ['BigramLanguageModel', 'estimate_loss', 'train_language_model']
+__all__ = ['next_token_loss', 'BigramLanguageModel', 'estimate_loss', 'train_language_model']
 
 
 # day11_bigram.ipynb, cell 3
@@ -22,6 +22,24 @@ from .loss import cross_entropy
 
 
 # day11_bigram.ipynb, cell 18
+def next_token_loss(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token predictions, after checking the targets.
+
+    Args:
+        logits: (B, T, V) scores for the token after each input position.
+        idx: (B, T) the input ids the logits were computed from.
+        targets: (B, T) the true next ids, in [0, V).
+
+    Raises:
+        TypeError, ValueError: targets that are not ids in [0, V) (see ``check_token_ids``), or
+            whose shape differs from ``idx``'s.
+    """
+    check_token_ids(targets, logits.shape[-1], "targets")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+    return cross_entropy(logits, targets)
+
+
 class BigramLanguageModel(nn.Module):
     """Predict the next token from the current one alone, with a learned ``(V, V)`` table of logits.
 
@@ -66,10 +84,7 @@ class BigramLanguageModel(nn.Module):
         logits = self.logits_table(idx.long())  # (B, T, V)
         if targets is None:
             return logits, None
-        check_token_ids(targets, self.vocab_size, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        return logits, cross_entropy(logits, targets)
+        return logits, next_token_loss(logits, idx, targets)
 
     @torch.no_grad()
     def generate(

@@ -14,9 +14,9 @@ import math
 import torch
 from torch import nn
 
+from .bigram import next_token_loss
 from .embeddings import check_token_ids
 from .functional import softmax
-from .loss import cross_entropy
 
 
 # day12_lstm.ipynb, cell 6
@@ -217,10 +217,7 @@ class CharLSTM(nn.Module):
         logits = self.lm_head(out)                                           # (B, T, V)
         if targets is None:
             return logits, None
-        check_token_ids(targets, self.vocab_size, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        return logits, cross_entropy(logits, targets)
+        return logits, next_token_loss(logits, idx, targets)
 
     @torch.no_grad()
     def generate(
