@@ -346,6 +346,7 @@ def stamp(root: Path, notebooks: list[Path] | None = None) -> list[Path]:
             cells[1]["source"] = _as_lines(setup)
         else:
             cells.insert(1, {"cell_type": "code", "execution_count": None, "id": "setup", "metadata": {}, "outputs": [], "source": _as_lines(setup)})
+        cells[1].setdefault("metadata", {})["tags"] = ["hide-input"]  # the book folds it away
         if json.dumps(nb, sort_keys=True) != before:
             _write_notebook(path, nb)
             changed.append(path)
@@ -353,7 +354,7 @@ def stamp(root: Path, notebooks: list[Path] | None = None) -> list[Path]:
 
 
 def _write_notebook(path: Path, nb: dict) -> None:
-    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    text = json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"  # nbformat's own layout
     tmp = path.with_suffix(".ipynb.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # atomic: a crash never leaves half a notebook

@@ -161,6 +161,7 @@ def test_stamp_inserts_setup_cell_and_badge_once(repo):
     assert "colab.research.google.com/github/someone/course/blob/main/notebooks/day01_things.ipynb" in title
     setup = "".join(nb["cells"][1]["source"])
     assert setup == export.setup_cell_source(repo)
+    assert nb["cells"][1]["metadata"]["tags"] == ["hide-input"]
     assert '"google.colab" in sys.modules' in setup and "git+https://github.com/someone/course@main" in setup
     compile(setup, "setup", "exec")
     assert "".join(nb["cells"][2]["source"]) == "#| default_exp things"

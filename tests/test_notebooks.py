@@ -66,6 +66,7 @@ def test_setup_cell_is_the_stamped_one(path):
     second = load(path)["cells"][1]
     assert second["cell_type"] == "code"
     assert "".join(second["source"]) == export.setup_cell_source(ROOT), f"{path.name}: run `python -m llmcourse.export --stamp`"
+    assert second["metadata"].get("tags") == ["hide-input"], f"{path.name}: run `python -m llmcourse.export --stamp`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
