@@ -13,12 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmcourse", description="Build, train and run a GPT from scratch.")
     parser.add_argument("--version", action="version", version=f"llmcourse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    export = sub.add_parser("export", help="regenerate llmcourse/ from the notebooks (same as python -m llmcourse.export)")
-    export.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the exporter, e.g. --check")
-    args = parser.parse_args(argv)
+    sub.add_parser(
+        "export",
+        help="regenerate llmcourse/ from the notebooks; takes the options of python -m llmcourse.export (--check, --run, --stamp)",
+        add_help=False,
+    )
+    args, rest = parser.parse_known_args(argv)
     if args.command == "export":
         from .export import main as export_main
 
-        return export_main(args.args)
+        return export_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     parser.print_help(sys.stdout)
     return 0
