@@ -6,17 +6,14 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from llmcourse.export import notebook_environment
+
 ROOT = Path(__file__).resolve().parent
 
-# Offline data: a local copy of tinyshakespeare sits in ../shared/data on the course's own machines.
-# Kernels started by nbval inherit this environment, so notebooks see it too.
-_shared_data = ROOT.parent / "shared" / "data"
-if "LLMCOURSE_DATA_DIR" not in os.environ and _shared_data.is_dir():
-    os.environ["LLMCOURSE_DATA_DIR"] = str(_shared_data)
-# OpenMP threads that spin while waiting make torch crawl when another process shares the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The notebooks' environment (offline data in ../shared/data, no Hugging Face hub, passive OpenMP
+# threads) is defined once, in llmcourse/export.py, which `--run` uses too. Kernels started by nbval
+# inherit this process's environment, so notebooks see it; variables already set are kept.
+os.environ.update(notebook_environment(ROOT))
 
 collect_ignore_glob = ["_build/*", ".venv/*"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,123 @@ def test_run_leaves_a_failing_notebook_untouched(repo):
     with pytest.raises(export.ExportError, match=r"day01_things.ipynb, cell 2 failed"):
         export.run_notebook(nb_path)
     assert nb_path.read_text() == before
+
+
+# ---- directives the exporter would otherwise drop without a word ----------------------------------
+
+
+def test_unknown_directive_names_notebook_cell_and_the_known_ones(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#| exprot\nX = 1")])
+    with pytest.raises(
+        export.ExportError, match=r"day01_things.ipynb, cell 2: unknown directive `#\| exprot` \(.*default_exp, export, exporti\)"
+    ):
+        export.export(repo)
+
+
+def test_bare_directive_mark_is_unknown(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", "#|\nX = 1")])
+    with pytest.raises(export.ExportError, match=r"cell 2: unknown directive"):
+        export.export(repo)
+
+
+@pytest.mark.parametrize(
+    "source, line",
+    [
+        ("# NBVAL_IGNORE_OUTPUT\n#| export\nX = 1", 2),  # the cell used to vanish from the package
+        ("#| export\nX = 1\n#| exporti\nY = 2", 3),
+        ("X = 1\n\ndef f():\n    #| export\n    return X", 4),
+    ],
+    ids=["below-a-comment", "below-code", "indented"],
+)
+def test_directive_below_comment_or_code_is_refused(repo, source, line):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", source)])
+    with pytest.raises(export.ExportError, match=rf"day01_things.ipynb, cell 2: directive `#\| exporti?` on line {line} .*must come first"):
+        export.export(repo)
+
+
+def test_directive_text_inside_a_string_is_not_a_directive(repo):
+    make_notebook(
+        repo / "notebooks/day01_things.ipynb",
+        [TITLE, ("code", "#| default_exp things"), ("code", '#| export\nHELP = """\n#| export marks a cell\n"""')],
+    )
+    assert export.export(repo) == ["things"]
+    assert "#| export marks a cell" in (repo / "llmcourse/things.py").read_text()
+
+
+def test_blank_lines_among_leading_directives_are_fine(repo):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "\n#| default_exp things\n\n"), ("code", "#| export\n\nX = 1")])
+    assert export.export(repo) == ["things"]
+
+
+@pytest.mark.parametrize("source", ["#| exprot\nX = 1", "# NBVAL_IGNORE_OUTPUT\n#| export\nX = 1"], ids=["unknown", "misplaced"])
+def test_cli_fails_on_bad_directives(repo, capsys, source):
+    make_notebook(repo / "notebooks/day01_things.ipynb", [TITLE, ("code", "#| default_exp things"), ("code", source)])
+    for argv in (["--check"], []):
+        assert export.main([*argv, "--root", str(repo)]) != 0
+        err = capsys.readouterr().err
+        assert err.startswith("error: notebooks/day01_things.ipynb, cell 2:"), err
+    assert not (repo / "llmcourse/things.py").exists()  # nothing half-exported
+    result = subprocess.run(
+        [sys.executable, "-m", "llmcourse.export", "--check", "--root", str(repo)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "day01_things.ipynb, cell 2" in result.stderr
+
+
+# ---- the environment notebooks run in ---------------------------------------------------------------
+
+
+def test_notebook_environment_finds_shared_data_and_keeps_what_is_set(tmp_path):
+    root = tmp_path / "course"
+    root.mkdir()
+    assert "LLMCOURSE_DATA_DIR" not in export.notebook_environment(root, environ={})  # no shared/data yet
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    env = export.notebook_environment(root, environ={})
+    assert env == {
+        "LLMCOURSE_DATA_DIR": str(tmp_path.resolve() / "shared" / "data"),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    kept = export.notebook_environment(root, environ={"LLMCOURSE_DATA_DIR": "/mine", "OMP_WAIT_POLICY": ""})
+    assert "LLMCOURSE_DATA_DIR" not in kept and "OMP_WAIT_POLICY" not in kept and kept["HF_HUB_OFFLINE"] == "1"
+
+
+def test_conftest_uses_the_notebook_environment():
+    for name, value in export.notebook_environment(ROOT, environ={}).items():
+        assert name in os.environ, f"conftest.py should set {name} (to {value!r} unless already set)"
+
+
+def test_run_notebook_starts_the_kernel_with_the_notebook_environment(tmp_path, monkeypatch):
+    root = tmp_path / "course"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.delenv("LLMCOURSE_DATA_DIR", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "kept")  # already set: passed on as it is
+    nb_path = make_notebook(
+        root / "notebooks/day01_things.ipynb",
+        [TITLE, ("code", 'import os\nprint(os.environ.get("LLMCOURSE_DATA_DIR"), os.environ.get("TRANSFORMERS_OFFLINE"))')],
+    )
+    export.run_notebook(nb_path)
+    assert "LLMCOURSE_DATA_DIR" not in os.environ  # the test process itself is left alone
+    cell = json.loads(nb_path.read_text())["cells"][1]
+    assert "".join(cell["outputs"][0]["text"]) == f"{tmp_path.resolve() / 'shared' / 'data'} kept\n"
+
+
+# ---- the default_exp cell stays in the notebook but not on the book's page -------------------------
+
+
+def test_stamp_tags_the_default_exp_cell_remove_cell(repo):
+    nb_path = make_notebook(
+        repo / "notebooks/day01_things.ipynb",
+        [TITLE, ("code", "#| default_exp things\n"), ("code", "#| export\nX = 1"), ("code", "#| default_exp more\nY = 2")],
+    )
+    nb = json.loads(nb_path.read_text())
+    nb["cells"][1]["metadata"]["tags"] = ["keep-me"]
+    nb_path.write_text(json.dumps(nb))
+    assert export.stamp(repo) == [nb_path]
+    assert export.stamp(repo) == []  # idempotent: the tag is not added twice
+    cells = json.loads(nb_path.read_text())["cells"]  # cell 1 is now the setup cell
+    assert "".join(cells[2]["source"]) == "#| default_exp things\n"
+    assert cells[2]["metadata"]["tags"] == ["keep-me", export.REMOVE_CELL_TAG]
+    assert "tags" not in cells[3]["metadata"]  # exported code stays on the page
+    assert "tags" not in cells[4]["metadata"]  # more than the directive: the reader should see the code
+    assert cells[1]["metadata"]["tags"] == ["hide-input"]

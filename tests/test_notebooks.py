@@ -70,6 +70,17 @@ def test_setup_cell_is_the_stamped_one(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_default_exp_cell_is_left_out_of_the_book(path):
+    """The `#| default_exp` cell stays in the notebook, but Jupyter Book removes a `remove-cell` cell from the page."""
+    cells = [c for c in code_cells(load(path)) if export.is_default_exp_cell(c)]
+    for cell in cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        assert export.REMOVE_CELL_TAG in tags, (
+            f"{path.name}: the `#| default_exp` cell needs the `{export.REMOVE_CELL_TAG}` tag: run `python -m llmcourse.export --stamp`"
+        )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_executed_top_to_bottom_without_errors(path):
     cells = code_cells(load(path))
     counts = [c["execution_count"] for c in cells]
