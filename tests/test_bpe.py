@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import unicodedata
 
 import pytest
 import torch
@@ -321,10 +322,26 @@ def test_same_ids_as_tiktoken_varied(cl100k, enc, s):
     assert cl100k.encode_ordinary(s) == enc.encode_ordinary(s)
 
 
+# Characters that some Unicode version leaves unassigned are left out: the `regex` module and tiktoken
+# each carry their own Unicode tables, of different versions, so a code point that one of them already
+# counts as a letter (U+3D000, say) and the other does not is split differently by the same pattern.
+# Python's own tables (hypothesis draws from them) are the oldest of the three, so "assigned in Python"
+# means assigned in all of them.
+ASSIGNED_TEXT = st.text(st.characters(exclude_categories=("Cn", "Cs")))
+
+
 @settings(database=None, max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text() | st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\x0c\u00a0\u3000ab1'.é😀")), max_size=40))
+@given(ASSIGNED_TEXT | st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\x0c\u00a0\u3000ab1'.é😀")), max_size=40))
 def test_same_ids_as_tiktoken_random(cl100k, enc, s):
     assert cl100k.encode_ordinary(s) == enc.encode_ordinary(s)
+
+
+def test_unicode_tables_can_disagree_on_unassigned_code_points(cl100k, enc):
+    """Why the property above draws assigned characters only (found by it: U+3D000, unassigned in Unicode 14)."""
+    s = "\U0003d000:A"
+    assert unicodedata.category("\U0003d000") == "Cn"
+    assert cl100k.encode_ordinary(s)[:4] == enc.encode_ordinary(s)[:4]  # the character's own bytes agree
+    assert cl100k.decode(cl100k.encode_ordinary(s)) == s == enc.decode(enc.encode_ordinary(s))
 
 
 @settings(database=None, max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
