@@ -96,8 +96,9 @@ def get_batch(
         data: a 1-D integer torch.Tensor or numpy array (a memmap from ``read_tokens`` works as is).
         batch_size: B, the number of blocks.
         block_size: T, the number of positions in each block.
-        device: where to put the batch (``None``: the CPU, or ``data``'s device for a tensor). For CUDA
-            the batch is pinned and copied with ``non_blocking=True``.
+        device: where to put the batch (``None``: the CPU, or ``data``'s device for a tensor). A batch
+            gathered on the CPU for a CUDA device is pinned and copied with ``non_blocking=True``; token
+            data already on the GPU is gathered there.
         generator: a CPU ``torch.Generator`` for the random start positions (``None``: torch's global one).
 
     Returns:
@@ -120,18 +121,26 @@ def get_batch(
         chunks = data[positions.to(data.device)].long()  # (B, T + 1)
     x = chunks[:, :-1].contiguous()  # (B, T) inputs
     y = chunks[:, 1:].contiguous()  # (B, T) targets: the next token at every position
-    assert torch.equal(x[:, 1:], y[:, :-1]), "targets must be the inputs shifted by one"
     if device is not None:
         device = torch.device(device)
-        if device.type == "cuda":
+        if _pin_for_copy(x.device, device):
             x = x.pin_memory().to(device, non_blocking=True)
             y = y.pin_memory().to(device, non_blocking=True)
         else:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device), y.to(device)  # no copy at all when the batch is already there
     return x, y
 
 
-# day09_batches.ipynb, cell 32
+def _pin_for_copy(source: torch.device, target: torch.device) -> bool:
+    """Whether a batch on ``source`` should go through pinned memory on its way to ``target``.
+
+    Only a copy from the CPU to a CUDA device gains from it (the copy can then overlap with the CPU's
+    work); a tensor already on a GPU cannot be pinned, and a copy within the CPU needs nothing.
+    """
+    return source.type == "cpu" and target.type == "cuda"
+
+
+# day09_batches.ipynb, cell 34
 class TokenWindows(Dataset):
     """The windows of a 1-D token sequence as a ``Dataset`` of (x, y) pairs, for use with a ``DataLoader``.
 
@@ -178,7 +187,7 @@ class TokenWindows(Dataset):
         return f"TokenWindows({self._len} windows, block_size={self.block_size}, stride={self.stride})"
 
 
-# day09_batches.ipynb, cell 40
+# day09_batches.ipynb, cell 42
 TOKEN_FILE_MAGIC = b"LLMCTOKS"
 TOKEN_FILE_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, vocab_size, n_tokens: 32 bytes
@@ -207,7 +216,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size={vocab_size:,} is too large for a token file: ids must fit in uint32 (at most 2**32 tokens)")
 
 
-# day09_batches.ipynb, cell 41
+# day09_batches.ipynb, cell 43
 def write_tokens(path: str | os.PathLike, ids: Tokens | list[int], vocab_size: int) -> Path:
     """Write token ids to a file: a 32-byte header, then the ids as uint16 (or uint32 for big vocabularies).
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import get_batch
-from .embeddings import check_token_ids
+from .embeddings import check_token_ids, embed_token_ids
 from .functional import softmax
 from .loss import cross_entropy
 
@@ -31,10 +31,10 @@ def next_token_loss(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tens
         targets: (B, T) the true next ids, in [0, V).
 
     Raises:
-        TypeError, ValueError: targets that are not ids in [0, V) (see ``check_token_ids``), or
-            whose shape differs from ``idx``'s.
+        TypeError, ValueError: targets that are not a (B, T) integer tensor, whose shape differs from
+            ``idx``'s, or (on the CPU) that hold an id outside [0, V), which ``cross_entropy`` names.
     """
-    check_token_ids(targets, logits.shape[-1], "targets")
+    check_token_ids(targets, logits.shape[-1], "targets", values=False)  # the values: cross_entropy
     if targets.shape != idx.shape:
         raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
     return cross_entropy(logits, targets)
@@ -78,10 +78,9 @@ class BigramLanguageModel(nn.Module):
 
         Raises:
             TypeError, ValueError: ``idx`` or ``targets`` is not a ``(B, T)`` tensor of ids in ``[0, V)``,
-                or their shapes differ.
+                or their shapes differ (see ``embed_token_ids``).
         """
-        check_token_ids(idx, self.vocab_size, "idx")
-        logits = self.logits_table(idx.long())  # (B, T, V)
+        logits = embed_token_ids(self.logits_table, idx)  # (B, T, V): row idx[b, t] of the table
         if targets is None:
             return logits, None
         return logits, next_token_loss(logits, idx, targets)
@@ -116,7 +115,10 @@ class BigramLanguageModel(nn.Module):
 
 # day11_bigram.ipynb, cell 19
 def _check_generate_args(idx: torch.Tensor, max_new_tokens: int, vocab_size: int) -> None:
-    """The argument checks every ``generate`` shares (the bigram's here, Day 12's LSTM's)."""
+    """The argument checks every ``generate`` shares (the bigram's here, Day 12's LSTM's).
+
+    The prompt is where ids enter, so its values get the exact check, which names a bad id.
+    """
     check_token_ids(idx, vocab_size, "idx")
     if idx.shape[1] < 1:
         raise ValueError("idx must hold at least one token per row to start generating from")

@@ -40,7 +40,8 @@ class Block(nn.Module):
         bias: biases in the linear layers and layer norms (GPT-2: True).
         prenorm: True for pre-norm (GPT-2), False for post-norm.
         approximate: the MLP's GELU, "none" (exact) or "tanh" (what GPT-2 was trained with).
-        implementation: the attention path, "sdpa" or "manual" (see ``CausalSelfAttention``).
+        implementation: "fused" (PyTorch's kernels for attention, layer norm, GELU and dropout, the
+            default) or "manual" (the course's own code for each); see ``check_implementation``.
         eps: the layer norms' epsilon.
 
     Raises:
@@ -57,17 +58,17 @@ class Block(nn.Module):
         prenorm: bool = True,
         *,
         approximate: str = "none",
-        implementation: str = "sdpa",
+        implementation: str = "fused",
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if not isinstance(prenorm, bool):
             raise TypeError(f"prenorm must be True (pre-norm) or False (post-norm), got {prenorm!r}")
         self.prenorm = prenorm
-        self.ln_1 = LayerNorm(n_embd, eps=eps, bias=bias)
+        self.ln_1 = LayerNorm(n_embd, eps=eps, bias=bias, implementation=implementation)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias, implementation=implementation)
-        self.ln_2 = LayerNorm(n_embd, eps=eps, bias=bias)
-        self.mlp = MLP(n_embd, dropout=dropout, bias=bias, approximate=approximate)
+        self.ln_2 = LayerNorm(n_embd, eps=eps, bias=bias, implementation=implementation)
+        self.mlp = MLP(n_embd, dropout=dropout, bias=bias, approximate=approximate, implementation=implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prenorm:

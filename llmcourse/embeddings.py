@@ -5,7 +5,7 @@
 A language model reads token ids, but it computes with vectors, so its first layer turns every id into a learned vector (an embedding) and adds a second vector that says where in the sequence the token sits. This module builds that first layer, `TokenAndPositionEmbedding`, with learned or sinusoidal positions, and `sinusoidal_positions`, the fixed position table of the original transformer.
 """
 
-__all__ = ['sinusoidal_positions', 'check_token_ids', 'TokenAndPositionEmbedding']
+__all__ = ['sinusoidal_positions', 'check_token_ids', 'embed_token_ids', 'TokenAndPositionEmbedding']
 
 
 # day10_embeddings.ipynb, cell 3
@@ -54,17 +54,24 @@ def sinusoidal_positions(block_size: int, n_embd: int, *, base: float = 10000.0)
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> None:
+def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx", *, values: bool = True) -> None:
     """Check that ``idx`` is a ``(B, T)`` integer tensor of token ids in ``[0, vocab_size)``.
+
+    The type and shape come from the tensor's metadata, which costs nothing. The values must be read
+    back into Python (on a GPU the CPU then waits for the device: a host synchronization), so
+    ``values=False`` skips them: forward passes, which run at every step, leave the values to the
+    embedding lookup (see ``embed_token_ids``).
 
     Args:
         idx: the tensor to check.
         vocab_size: the number of token ids; valid ids are ``0 .. vocab_size - 1``.
         name: how error messages call the tensor (``"idx"``, ``"targets"``).
+        values: also check every id (the default, for ids entering the program: prompts, token files).
 
     Raises:
         TypeError: ``idx`` is not a tensor or does not hold integers.
-        ValueError: ``idx`` is not 2-D, or holds an id outside ``[0, vocab_size)`` (the message names it).
+        ValueError: ``idx`` is not 2-D, or (``values=True``) holds an id outside ``[0, vocab_size)``,
+            which the message names.
     """
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
@@ -72,13 +79,40 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> No
         raise TypeError(f"{name} must hold integer token ids (int64), got dtype {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"{name} must have shape (B, T), got {tuple(idx.shape)}; add a batch dimension with {name}[None]")
-    if idx.numel() > 0:
-        lo, hi = int(idx.min()), int(idx.max())
+    if values and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())  # reads two numbers back: a host synchronization on a GPU
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(
+            raise ValueError(  # `from None`: when raised while handling the lookup's IndexError, show only this
                 f"token id {bad} in {name} is out of range: ids must be in [0, {vocab_size - 1}] (vocab_size={vocab_size})"
-            )
+            ) from None
+
+
+def embed_token_ids(embedding: nn.Embedding, idx: torch.Tensor, name: str = "idx") -> torch.Tensor:
+    """``embedding(idx)`` for a ``(B, T)`` tensor of token ids, reading no id back into Python.
+
+    The type and shape are checked from the metadata (``check_token_ids(..., values=False)``). The values
+    are checked by the lookup itself, which must read every id anyway: on the CPU an id outside
+    ``[0, num_embeddings)`` makes it raise ``IndexError``, and only then are the ids read, to raise a
+    ``ValueError`` that names the bad one. On a GPU the lookup stops with a device-side assert.
+
+    Args:
+        embedding: the table, ``(V, C)``.
+        idx: ``(B, T)`` integer token ids.
+        name: how error messages call ``idx``.
+
+    Returns:
+        ``(B, T, C)``: row ``idx[b, t]`` of the table at every position.
+
+    Raises:
+        TypeError, ValueError: as ``check_token_ids``.
+    """
+    check_token_ids(idx, embedding.num_embeddings, name, values=False)
+    try:
+        return embedding(idx.long())  # (B, T, C); .long() is free for int64 ids
+    except IndexError:  # an id without a row (CPU only): find it and name it
+        check_token_ids(idx, embedding.num_embeddings, name)
+        raise
 
 
 # day10_embeddings.ipynb, cell 43
@@ -152,12 +186,11 @@ class TokenAndPositionEmbedding(nn.Module):
         Raises:
             TypeError: if ``idx`` is not an integer tensor.
             ValueError: if ``idx`` is not 2-D, ``T > block_size``, or an id is outside ``[0, vocab_size)``
-                (see ``check_token_ids``).
+                (see ``embed_token_ids``; on a GPU a bad id is a device-side assert instead).
         """
-        check_token_ids(idx, self.vocab_size)
+        tok = embed_token_ids(self.wte, idx)                                   # (B, T, C), ids checked
         B, T = idx.shape
         pos = self.position_vectors(T)                                         # (T, C)
-        tok = self.wte(idx.long())                                             # (B, T, C)
         return self.drop(tok + pos)                                            # (B, T, C)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
+from .embeddings import embed_token_ids
+from .loss import cross_entropy
 from .mha import IMPLEMENTATIONS
 from .mlp import Dropout
 from .norms import LayerNorm
@@ -35,7 +37,8 @@ class GPTConfig:
         dropout: dropout probability everywhere, in [0, 1) (0.0 for GPT-2's released weights).
         bias: biases in linear layers and layer norms (GPT-2: True).
         tie_weights: share one matrix between the token embedding and the LM head (GPT-2: True).
-        attn_implementation: "sdpa" (torch's fused attention) or "manual" (Day 13's path).
+        implementation: "fused" (PyTorch's kernels for attention, layer norm, GELU, dropout and the loss:
+            the default, and what training uses) or "manual" (the course's own code for each).
         gelu_approximate: the MLP's GELU, "none" (exact) or "tanh" (what GPT-2 was trained with).
         layer_norm_eps: the layer norms' epsilon.
 
@@ -51,7 +54,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True
-    attn_implementation: str = "sdpa"
+    implementation: str = "fused"
     gelu_approximate: str = "none"
     layer_norm_eps: float = 1e-5
 
@@ -69,8 +72,8 @@ class GPTConfig:
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.attn_implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"GPTConfig.attn_implementation must be one of {IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"GPTConfig.implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
@@ -103,7 +106,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, C),
                 wpe=nn.Embedding(config.block_size, C),
-                drop=Dropout(config.dropout),
+                drop=Dropout(config.dropout, config.implementation),
                 h=nn.ModuleList(
                     [
                         Block(
@@ -113,13 +116,13 @@ class GPT(nn.Module):
                             bias=config.bias,
                             prenorm=True,
                             approximate=config.gelu_approximate,
-                            implementation=config.attn_implementation,
+                            implementation=config.implementation,
                             eps=config.layer_norm_eps,
                         )
                         for _ in range(config.n_layer)
                     ]
                 ),
-                ln_f=LayerNorm(C, eps=config.layer_norm_eps, bias=config.bias),
+                ln_f=LayerNorm(C, eps=config.layer_norm_eps, bias=config.bias, implementation=config.implementation),
             )
         )
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
@@ -153,40 +156,32 @@ class GPT(nn.Module):
 
         Raises:
             TypeError: ``idx`` or ``targets`` is not an integer tensor.
-            ValueError: wrong number of dimensions, T > block_size, a token id outside the
-                vocabulary, or targets shaped differently from idx.
+            ValueError: wrong number of dimensions, T > block_size, a token id outside the vocabulary,
+                or targets shaped differently from idx. (On a GPU a bad id or target is a device-side
+                assert instead: no value is read back into Python.)
+            IndexError: (fused loss, on the CPU) a target outside [0, vocab_size) that is not -100.
         """
-        self._check_ids(idx, "idx")
+        tok = embed_token_ids(self.transformer.wte, idx)  # (B, T, C): type, shape and ids checked
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}; crop idx to its last {self.config.block_size} tokens")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = tok + self.transformer.wpe.weight[:T]  # (B, T, C) + (T, C): the positions 0..T-1
         x = self.transformer.drop(x)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"targets must be an int64 tensor like idx, got {getattr(targets, 'dtype', type(targets).__name__)}")
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T).long(), ignore_index=-100)
+        if targets is None:
+            return logits, None
+        if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"targets must be an int64 tensor like idx, got {getattr(targets, 'dtype', type(targets).__name__)}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if self.config.implementation == "fused":
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T).long(), ignore_index=-100)
+        else:
+            loss = cross_entropy(logits, targets, ignore_index=-100)  # Day 5's, on (B, T, V) as it is
         return logits, loss
-
-    def _check_ids(self, idx: torch.Tensor, name: str) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an int64 tensor of token ids, got {getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.dim() != 2:
-            raise ValueError(f"{name} must have shape (B, T), got {tuple(idx.shape)}")
-        if idx.numel() and idx.device.type != "meta":
-            low, high = idx.min().item(), idx.max().item()
-            V = self.config.vocab_size
-            if low < 0 or high >= V:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} in {name} is outside the vocabulary [0, {V}) (vocab_size={V})")
 
     def parameter_table(self) -> dict[str, int]:
         """Parameters per component, each shared tensor counted once (a tied LM head shows 0).
@@ -216,7 +211,7 @@ class GPT(nn.Module):
         return table
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, *, dropout: float = 0.0, attn_implementation: str = "sdpa") -> "GPT":
+    def from_hf(cls, hf_model: nn.Module, *, dropout: float = 0.0, implementation: str = "fused") -> "GPT":
         """A ``GPT`` with the weights of a Hugging Face ``transformers.GPT2LMHeadModel``.
 
         The configuration is read from ``hf_model.config``; GPT-2's ``Conv1D`` weights, stored as
@@ -226,7 +221,7 @@ class GPT(nn.Module):
         Args:
             hf_model: a ``GPT2LMHeadModel`` (any size, e.g. ``from_pretrained("gpt2")``).
             dropout: the dropout of the new model (0.0: use the weights as they are).
-            attn_implementation: "sdpa" or "manual".
+            implementation: "fused" or "manual" (see ``GPTConfig``).
 
         Returns:
             The ``GPT``, whose logits equal ``hf_model(idx).logits`` up to float rounding.
@@ -235,18 +230,18 @@ class GPT(nn.Module):
             TypeError: ``hf_model`` is not a GPT-2 language model.
             ValueError: a GPT-2 option this model does not implement, or weights that do not fit.
         """
-        config = _config_from_hf(hf_model, dropout=dropout, attn_implementation=attn_implementation)
+        config = _config_from_hf(hf_model, dropout=dropout, implementation=implementation)
         model = cls(config)
         _copy_hf_weights(model, hf_model)
         return model
 
 
-# day18_gpt.ipynb, cell 41
+# day18_gpt.ipynb, cell 48
 _HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _config_from_hf(hf_model: nn.Module, dropout: float, attn_implementation: str) -> GPTConfig:
+def _config_from_hf(hf_model: nn.Module, dropout: float, implementation: str) -> GPTConfig:
     """Our GPTConfig for a transformers GPT2LMHeadModel, refusing options we do not implement."""
     hf = getattr(hf_model, "config", None)
     if getattr(hf, "model_type", None) != "gpt2" or not hasattr(hf_model, "lm_head") or not hasattr(hf_model, "transformer"):
@@ -266,7 +261,7 @@ def _config_from_hf(hf_model: nn.Module, dropout: float, attn_implementation: st
         dropout=dropout,
         bias=True,
         tie_weights=bool(getattr(hf, "tie_word_embeddings", True)),
-        attn_implementation=attn_implementation,
+        implementation=implementation,
         gelu_approximate=_HF_GELU[hf.activation_function],
         layer_norm_eps=float(hf.layer_norm_epsilon),
     )

@@ -46,7 +46,8 @@ def cross_entropy(
         TypeError: logits is not a floating-point tensor, targets is not an integer tensor
             (float, bool and complex targets are refused), or ignore_index is not an int.
         ValueError: logits is not 2-D or 3-D, targets has the wrong shape, reduction is unknown,
-            or a target (other than ignore_index) lies outside [0, C).
+            or a target (other than ignore_index) lies outside [0, C) (on a GPU such a target is a
+            device-side assert instead: the targets are never read back to look for one).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         what = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -73,17 +74,19 @@ def cross_entropy(
     num_classes = logits.size(-1)
     targets = targets.long()
     counted = targets != ignore_index  # (N,) or (B, T): True where the target counts
-    out_of_range = counted & ((targets < 0) | (targets >= num_classes))
-    if out_of_range.any():
-        bad = targets[out_of_range][0].item()
-        raise ValueError(
-            f"cross_entropy: target {bad} is outside [0, {num_classes}) "
-            f"(the logits have {num_classes} classes) and is not ignore_index={ignore_index}"
-        )
 
     logp = log_softmax(logits, dim=-1)  # (..., C)
     safe_targets = targets.masked_fill(~counted, 0)  # any valid index; those losses are zeroed below
-    nll = -logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (...,): -log p(target)
+    try:
+        nll = -logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (...,): -log p(target)
+    except RuntimeError:  # a target with no column stops gather (on the CPU): find it and name it
+        bad = targets[counted & ((targets < 0) | (targets >= num_classes))]
+        if bad.numel():
+            raise ValueError(
+                f"cross_entropy: target {bad[0].item()} is outside [0, {num_classes}) "
+                f"(the logits have {num_classes} classes) and is not ignore_index={ignore_index}"
+            ) from None
+        raise
     nll = nll.masked_fill(~counted, 0.0)
     if reduction == "none":
         return nll

@@ -5,7 +5,7 @@
 Today you will build `CausalSelfAttention`, the attention layer of GPT-2: several heads computed side by side from one fused projection, split apart with a view and a transpose and merged back the same way. It runs either on your own Day 13 attention or on PyTorch's fused kernel, and you will prove that the two agree in outputs and gradients and that no position ever sees the future.
 """
 
-__all__ = ['IMPLEMENTATIONS', 'CausalSelfAttention']
+__all__ = ['IMPLEMENTATIONS', 'check_implementation', 'CausalSelfAttention']
 
 
 # day14_multi_head.ipynb, cell 13
@@ -17,7 +17,18 @@ from torch import Tensor, nn
 
 from .attention import attention_weights
 
-IMPLEMENTATIONS = ("sdpa", "manual")  # the values CausalSelfAttention(implementation=...) accepts
+IMPLEMENTATIONS = ("fused", "manual")  # PyTorch's fused kernels, or the code written in this course
+
+
+def check_implementation(value: str) -> str:
+    """Return ``value`` if it is one of ``IMPLEMENTATIONS`` ("fused" or "manual"); raise ValueError otherwise.
+
+    Every layer with an ``implementation`` switch (attention, LayerNorm, Dropout, MLP, Block, GPTConfig)
+    checks its argument here, so they all accept the same words.
+    """
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {value!r}")
+    return value
 
 
 # day14_multi_head.ipynb, cell 14
@@ -33,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         dropout: probability for `attn_dropout` (on the attention weights) and `resid_dropout` (on
             the output); only active in training mode.
         bias: whether `c_attn` and `c_proj` have biases.
-        implementation: "sdpa" (F.scaled_dot_product_attention, the default) or "manual" (Day 13's
+        implementation: "fused" (F.scaled_dot_product_attention, the default) or "manual" (Day 13's
             written-out attention); can be changed later through the `implementation` attribute.
 
     Shape: input (B, T, C) -> output (B, T, C).
@@ -50,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         n_head: int,
         dropout: float = 0.0,
         bias: bool = True,
-        implementation: str = "sdpa",
+        implementation: str = "fused",
     ) -> None:
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head)):
@@ -77,14 +88,12 @@ class CausalSelfAttention(nn.Module):
 
     @property
     def implementation(self) -> str:
-        """How attention is computed: "sdpa" or "manual"."""
+        """How attention is computed: "fused" or "manual"."""
         return self._implementation
 
     @implementation.setter
     def implementation(self, value: str) -> None:
-        if value not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {value!r}")
-        self._implementation = value
+        self._implementation = check_implementation(value)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The queries, keys and values of every head: x (B, T, C) -> 3 tensors of shape (B, nh, T, hs)."""
@@ -104,7 +113,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, C) -> (B, T, C); the output at position t depends on x[:, :t + 1] only."""
         q, k, v = self.qkv(x)  # 3 x (B, nh, T, hs)
-        if self.implementation == "sdpa":
+        if self.implementation == "fused":
             p = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
         else:

@@ -10,9 +10,11 @@ __all__ = ['dropout', 'Dropout', 'MLP', 'swiglu_hidden_size', 'SwiGLU']
 
 # day16_feed_forward.ipynb, cell 8
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import gelu, silu
+from .mha import check_implementation
 
 
 def _check_probability(p: float) -> float:
@@ -52,23 +54,28 @@ class Dropout(nn.Module):
 
     Args:
         p: probability of zeroing an element, in [0, 1).
+        implementation: "fused" (``F.dropout``, PyTorch's kernel, the default) or "manual" (``dropout``
+            above); the two draw different masks from the same seed, with the same distribution.
 
     Raises:
-        TypeError, ValueError: for a bad ``p`` (see ``dropout``).
+        TypeError, ValueError: for a bad ``p`` (see ``dropout``) or an unknown implementation.
     """
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5, implementation: str = "fused") -> None:
         super().__init__()
         self.p = _check_probability(p)
+        self.implementation = check_implementation(implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.implementation == "fused":
+            return F.dropout(x, self.p, self.training)
         return dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, implementation={self.implementation!r}"
 
 
-# day16_feed_forward.ipynb, cell 20
+# day16_feed_forward.ipynb, cell 21
 class MLP(nn.Module):
     """The GPT-2 feed-forward network: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout.
 
@@ -79,32 +86,40 @@ class MLP(nn.Module):
         dropout: dropout probability applied to the output, in [0, 1).
         bias: whether the two linear layers have biases (GPT-2: True).
         approximate: "none" for the exact GELU, "tanh" for the approximation GPT-2 was trained with.
+        implementation: "fused" (``F.gelu`` and ``F.dropout``, the default) or "manual" (Day 4's ``gelu``
+            and the ``dropout`` above).
 
     Raises:
-        ValueError: if ``n_embd`` is not a positive int or ``approximate`` is unknown.
+        ValueError: if ``n_embd`` is not a positive int, or ``approximate`` or ``implementation`` is unknown.
     """
 
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, approximate: str = "none") -> None:
+    def __init__(
+        self, n_embd: int, dropout: float = 0.0, bias: bool = True, approximate: str = "none", implementation: str = "fused"
+    ) -> None:
         super().__init__()
         if isinstance(n_embd, bool) or not isinstance(n_embd, int) or n_embd <= 0:
             raise ValueError(f"n_embd must be a positive int, got {n_embd!r}")
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
+        self.implementation = check_implementation(implementation)
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = Dropout(dropout)
+        self.dropout = Dropout(dropout, implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
-        h = gelu(h, approximate=self.approximate)  # (B, T, 4C)
+        if self.implementation == "fused":
+            h = F.gelu(h, approximate=self.approximate)  # (B, T, 4C)
+        else:
+            h = gelu(h, approximate=self.approximate)  # (B, T, 4C)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
     def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}"
+        return f"approximate={self.approximate!r}, implementation={self.implementation!r}"
 
 
-# day16_feed_forward.ipynb, cell 30
+# day16_feed_forward.ipynb, cell 31
 def swiglu_hidden_size(n_embd: int, multiple_of: int = 8) -> int:
     """The SwiGLU hidden size whose parameter count matches a 4x GELU MLP: 2/3 * 4 * n_embd.
 
@@ -132,12 +147,23 @@ class SwiGLU(nn.Module):
         bias: whether the three linear layers have biases (default False, as in LLaMA).
         dropout: dropout probability applied to the output, in [0, 1).
         multiple_of: rounding of the default hidden size.
+        implementation: "fused" (``F.silu`` and ``F.dropout``, the default) or "manual" (Day 4's ``silu``
+            and the ``dropout`` above).
 
     Raises:
-        ValueError: if ``n_embd`` or ``hidden`` is not a positive int.
+        ValueError: if ``n_embd`` or ``hidden`` is not a positive int, or ``implementation`` is unknown.
     """
 
-    def __init__(self, n_embd: int, hidden: int | None = None, bias: bool = False, dropout: float = 0.0, *, multiple_of: int = 8) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        hidden: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        *,
+        multiple_of: int = 8,
+        implementation: str = "fused",
+    ) -> None:
         super().__init__()
         if hidden is None:
             hidden = swiglu_hidden_size(n_embd, multiple_of)
@@ -145,12 +171,14 @@ class SwiGLU(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.hidden = hidden
+        self.implementation = check_implementation(implementation)
         self.c_gate = nn.Linear(n_embd, hidden, bias=bias)  # C -> H, goes through SiLU
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)  # C -> H, the values being gated
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)  # H -> C
-        self.dropout = Dropout(dropout)
+        self.dropout = Dropout(dropout, implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = silu(self.c_gate(x))  # (B, T, H)
+        gate = self.c_gate(x)  # (B, T, H)
+        gate = F.silu(gate) if self.implementation == "fused" else silu(gate)  # (B, T, H)
         value = self.c_fc(x)  # (B, T, H)
         return self.dropout(self.c_proj(gate * value))  # (B, T, C)

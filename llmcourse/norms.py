@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .mha import check_implementation
 
 
 # day15_norms.ipynb, cell 12
@@ -71,6 +74,8 @@ class LayerNorm(nn.Module):
         eps: added to the variance before the square root; a positive number.
         bias: if False, there is no additive `bias` (the attribute is None).
         device, dtype: where and how to create the parameters.
+        implementation: "fused" (``F.layer_norm``, the default) or "manual" (the formula above, written
+            out); both give the same result.
 
     Shape: input (..., *normalized_shape); output the same shape.
 
@@ -86,10 +91,12 @@ class LayerNorm(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        implementation: str = "fused",
     ) -> None:
         super().__init__()
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = _check_eps(eps, allow_none=False)
+        self.implementation = check_implementation(implementation)
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))  # gamma
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))  # beta
@@ -103,6 +110,12 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.implementation == "fused":
+            try:
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            except (RuntimeError, TypeError):  # a bad input: say clearly what is wrong with it
+                _norm_dims(x, self.normalized_shape, "LayerNorm")
+                raise
         dims = _norm_dims(x, self.normalized_shape, "LayerNorm")
         h = x.float() if x.dtype in _HALF_DTYPES else x
         mean = h.mean(dim=dims, keepdim=True)                   # (..., 1, ..., 1)
@@ -113,10 +126,10 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, bias={self.bias is not None}"
+        return f"{self.normalized_shape}, eps={self.eps}, bias={self.bias is not None}, implementation={self.implementation!r}"
 
 
-# day15_norms.ipynb, cell 21
+# day15_norms.ipynb, cell 23
 class RMSNorm(nn.Module):
     """Root mean square normalization (Zhang and Sennrich, 2019), equal to torch.nn.RMSNorm.
 

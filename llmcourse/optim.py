@@ -8,7 +8,7 @@ You will write SGD with momentum, Adam and AdamW as real `torch.optim.Optimizer`
 __all__ = ['SGD', 'Adam', 'AdamW', 'split_decay_parameters', 'configure_optimizer', 'param_groups_summary']
 
 
-# day06_optimizers.ipynb, cell 21
+# day06_optimizers.ipynb, cell 22
 import math
 from collections.abc import Callable, Iterable
 from numbers import Real
@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 
-# day06_optimizers.ipynb, cell 22
+# day06_optimizers.ipynb, cell 23
 def _check_number(name: str, value: Any, low: float, high: float | None = None) -> None:
     """Raise TypeError unless `value` is a real number, ValueError unless low <= value (< high)."""
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -46,7 +46,7 @@ def _dense_grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
-# day06_optimizers.ipynb, cell 23
+# day06_optimizers.ipynb, cell 24
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, Nesterov momentum and weight decay.
 
@@ -129,7 +129,7 @@ class SGD(Optimizer):
         return loss
 
 
-# day06_optimizers.ipynb, cell 32
+# day06_optimizers.ipynb, cell 33
 class Adam(Optimizer):
     """Adam (Kingma & Ba, 2014, arXiv:1412.6980), with the arguments and defaults of `torch.optim.Adam`.
 
@@ -142,7 +142,14 @@ class Adam(Optimizer):
         p = p - lr * m_hat / (sqrt(v_hat) + eps)
 
     With amsgrad=True, v_hat uses the running maximum of v (state "max_exp_avg_sq").
-    Left out from torch: `maximize`, `foreach`, `fused`, `capturable`, `differentiable`.
+    Two implementations of this update, chosen per parameter group by `foreach`: a Python loop
+    over the tensors (foreach=False, the readable one) and the multi-tensor path (foreach=True),
+    which applies each line above to a whole list of tensors with one `torch._foreach_*` call.
+    Both keep the same state and give the same numbers up to float rounding; the multi-tensor
+    path runs torch's own `foreach=True` operations in the same order, and on a CPU gives the
+    same bits. Argument names and defaults are torch's, except that foreach defaults to True,
+    where torch's None picks the loop on a CPU and the multi-tensor path on CUDA.
+    Left out from torch: `maximize`, `fused`, `capturable`, `differentiable`.
 
     Args:
         params: the tensors to optimize, or a list of parameter-group dicts.
@@ -151,9 +158,17 @@ class Adam(Optimizer):
         eps: added to the denominator for numerical safety, >= 0.
         weight_decay: L2 penalty coefficient, >= 0.
         amsgrad: use the AMSGrad variant.
+        foreach: True (the default) for the multi-tensor path, False for the per-tensor loop.
+            Stored in each parameter group, as torch does; a group loaded from a torch state
+            dict, where it may be None ("let torch choose"), takes the multi-tensor path.
+
+    State per parameter: "step" (a Python int), "exp_avg", "exp_avg_sq" and, with amsgrad,
+    "max_exp_avg_sq": torch's names, so state dicts load in either direction. Both paths
+    count steps per tensor: a tensor that had no gradient on some steps has a smaller "step",
+    and so its own bias correction.
 
     Raises:
-        TypeError: a hyperparameter is not a number, or betas is not a pair.
+        TypeError: a hyperparameter is not a number, betas is not a pair, or foreach is not a bool.
         ValueError: a hyperparameter is out of range.
     """
 
@@ -167,8 +182,9 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
+        foreach: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -178,6 +194,8 @@ class Adam(Optimizer):
         _check_betas(group["betas"])
         _check_number("eps", group["eps"], 0.0)
         _check_number("weight_decay", group["weight_decay"], 0.0)
+        if not isinstance(group["foreach"], bool):  # "no" or 0 would silently mean something else
+            raise TypeError(f"foreach must be True or False, got {group['foreach']!r}")
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -188,6 +206,9 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group.get("foreach") is not False:  # True, or None from a torch state dict
+                _adam_foreach(group, self.state, self.decoupled_weight_decay)  # "One kernel call for many tensors"
+                continue
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             weight_decay, amsgrad = group["weight_decay"], group["amsgrad"]
             for p in group["params"]:
@@ -222,17 +243,28 @@ class Adam(Optimizer):
         return loss
 
 
-# day06_optimizers.ipynb, cell 38
+# day06_optimizers.ipynb, cell 39
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2017, arXiv:1711.05101), like `torch.optim.AdamW`.
 
     The same update as `Adam`, except for the decay: instead of adding weight_decay * p to the
     gradient, each step first shrinks the weight itself, ``p = p * (1 - lr * weight_decay)``, so
     the pull towards zero is the same fraction for every weight, whatever its gradient history.
-    Arguments and defaults are torch's (note weight_decay=1e-2 here, 0 in Adam).
+    Arguments and defaults are torch's (note weight_decay=1e-2 here, 0 in Adam), except foreach,
+    True here (see `Adam`). Both implementations, the loop and the multi-tensor path, apply the
+    decay in the same place.
+
+    Args:
+        params: the tensors to optimize, or a list of parameter-group dicts.
+        lr: learning rate, >= 0.
+        betas: (beta1, beta2), the decay rates of the two running means, each in [0, 1).
+        eps: added to the denominator for numerical safety, >= 0.
+        weight_decay: decoupled decay coefficient, >= 0: each step multiplies p by (1 - lr * weight_decay).
+        amsgrad: use the AMSGrad variant.
+        foreach: True (the default) for the multi-tensor path, False for the per-tensor loop.
 
     Raises:
-        TypeError: a hyperparameter is not a number, or betas is not a pair.
+        TypeError: a hyperparameter is not a number, betas is not a pair, or foreach is not a bool.
         ValueError: a hyperparameter is out of range.
     """
 
@@ -246,11 +278,74 @@ class AdamW(Adam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
+        foreach: bool = True,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
 
 
-# day06_optimizers.ipynb, cell 51
+# day06_optimizers.ipynb, cell 45
+def _adam_foreach(group: dict[str, Any], state: dict[torch.Tensor, dict[str, Any]], decoupled_weight_decay: bool) -> None:
+    """One Adam (or AdamW) step for a whole parameter group, one `torch._foreach_*` call per line of the update.
+
+    The update of the loop in `Adam.step`, applied to lists of tensors. A foreach call needs all
+    its tensors on one device with one dtype, so the tensors that have a gradient are first
+    sorted into buckets by (device, dtype), as torch's optimizers do. Step counts stay per tensor,
+    so the two bias corrections are lists of numbers, one per tensor. The operations and their
+    order are those of torch's multi-tensor Adam (the first moment with lerp_, sqrt(v) divided by
+    sqrt(1 - beta2**t), then addcdiv_ with -lr / (1 - beta1**t)), so that on a CPU the result
+    equals `torch.optim.Adam` / `AdamW` with foreach=True bit for bit.
+
+    Args:
+        group: one entry of `optimizer.param_groups`.
+        state: `optimizer.state`; a tensor's entry is created on its first step.
+        decoupled_weight_decay: shrink the weights (AdamW) rather than add an L2 term to the gradient (Adam).
+    """
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    weight_decay, amsgrad = group["weight_decay"], group["amsgrad"]
+    # (device, dtype) -> six parallel lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list, ...]] = {}
+    for p in group["params"]:
+        if p.grad is None:  # no gradient this time: neither the tensor nor its step count moves
+            continue
+        grad = _dense_grad(p)
+        s = state[p]
+        if not s:  # the first step for this tensor, exactly as in the loop
+            s["step"] = 0
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in s:
+            s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        s["step"] = int(s["step"]) + 1
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = buckets.setdefault(
+            (p.device, p.dtype), ([], [], [], [], [], [])
+        )
+        params.append(p)
+        grads.append(grad)
+        exp_avgs.append(s["exp_avg"])
+        exp_avg_sqs.append(s["exp_avg_sq"])
+        max_exp_avg_sqs.append(s.get("max_exp_avg_sq"))  # None without amsgrad, then never used
+        steps.append(s["step"])
+
+    for params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps in buckets.values():
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)  # AdamW: p = p * (1 - lr * wd)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)  # Adam: g = g + wd * p, new tensors
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m = m + (1 - beta1) * (g - m)
+        torch._foreach_mul_(exp_avg_sqs, beta2)  # v = beta2 * v ...
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)  # ... + (1 - beta2) * g * g
+        if amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)  # the largest v so far
+            exp_avg_sqs = max_exp_avg_sqs
+        denoms = torch._foreach_sqrt(exp_avg_sqs)  # new tensors: sqrt(v)
+        torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in steps])  # sqrt(v_hat), each tensor its own t
+        torch._foreach_add_(denoms, eps)  # sqrt(v_hat) + eps
+        step_sizes = [-lr / (1 - beta1**t) for t in steps]  # -lr / bias_correction1, per tensor
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)  # p = p - lr * m_hat / denom
+
+
+# day06_optimizers.ipynb, cell 62
 def split_decay_parameters(
     model: nn.Module, decay_embeddings: bool = False
 ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
@@ -291,6 +386,7 @@ def configure_optimizer(
     eps: float = 1e-8,
     decay_embeddings: bool = False,
     *,
+    foreach: bool = True,
     verbose: bool = False,
 ) -> AdamW:
     """Build the AdamW a GPT is trained with: two parameter groups, with and without weight decay.
@@ -307,13 +403,14 @@ def configure_optimizer(
         betas: AdamW's (beta1, beta2), each in [0, 1); 0.95 for beta2 as in GPT-3 and nanoGPT.
         eps: AdamW's epsilon, >= 0.
         decay_embeddings: decay nn.Embedding weights too (nanoGPT/GPT-2 style).
+        foreach: AdamW's multi-tensor path (True, the default) or its per-tensor loop (False).
         verbose: print `param_groups_summary` of the result.
 
     Returns:
         An `AdamW` over every trainable parameter of `model`.
 
     Raises:
-        TypeError: `model` is not an nn.Module, or a hyperparameter is not a number.
+        TypeError: `model` is not an nn.Module, a hyperparameter is not a number, or foreach is not a bool.
         ValueError: a hyperparameter is out of range, or the model has no trainable parameters.
     """
     if not isinstance(model, nn.Module):
@@ -326,7 +423,7 @@ def configure_optimizer(
         {"params": list(decay.values()), "weight_decay": weight_decay, "name": "decay"},
         {"params": list(no_decay.values()), "weight_decay": 0.0, "name": "no_decay"},
     ]
-    optimizer = AdamW(groups, lr=lr, betas=betas, eps=eps)
+    optimizer = AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=foreach)
     if verbose:
         print(param_groups_summary(optimizer, model))
     return optimizer

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from .bigram import next_token_loss
-from .embeddings import check_token_ids
+from .bigram import _check_generate_args, next_token_loss
+from .embeddings import embed_token_ids
 from .functional import softmax
 
 
@@ -190,10 +190,10 @@ class CharLSTM(nn.Module):
             state: the state to start from (``None``: zeros), e.g. the one a previous call returned.
 
         Raises:
-            TypeError, ValueError: ``idx`` is not a ``(B, T)`` tensor of ids in ``[0, V)``.
+            TypeError, ValueError: ``idx`` is not a ``(B, T)`` tensor of ids in ``[0, V)`` (see
+                ``embed_token_ids``).
         """
-        check_token_ids(idx, self.vocab_size, "idx")
-        x = self.embedding(idx.long())                                       # (B, T, n_embd)
+        x = embed_token_ids(self.embedding, idx)                             # (B, T, n_embd)
         out, state = self.lstm(x, state)                                     # (B, T, H)
         return self.drop(out), state
 
@@ -211,7 +211,8 @@ class CharLSTM(nn.Module):
             ``(logits, loss)``: logits ``(B, T, V)``; loss a scalar, or ``None`` without targets.
 
         Raises:
-            TypeError, ValueError: bad ``idx`` or ``targets`` (see ``check_token_ids``), or shapes that differ.
+            TypeError, ValueError: bad ``idx`` or ``targets`` (see ``embed_token_ids``), or shapes that
+                differ.
         """
         out, _ = self.forward_hidden(idx, state)
         logits = self.lm_head(out)                                           # (B, T, V)
@@ -239,13 +240,7 @@ class CharLSTM(nn.Module):
         Raises:
             TypeError, ValueError: a bad or empty prompt, or a bad ``max_new_tokens``.
         """
-        check_token_ids(idx, self.vocab_size, "idx")
-        if idx.shape[1] < 1:
-            raise ValueError("idx must hold at least one token per row to start generating from")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        _check_generate_args(idx, max_new_tokens, self.vocab_size)  # the same checks as the bigram's
         was_training = self.training
         self.eval()
         try:

@@ -15,6 +15,7 @@ from llmcourse.batches import (
     TOKEN_FILE_MAGIC,
     TokenFileHeader,
     TokenWindows,
+    _pin_for_copy,
     get_batch,
     read_token_header,
     read_tokens,
@@ -108,6 +109,24 @@ def test_device_argument_on_cuda():
     assert x.is_cuda and y.is_cuda and torch.equal(y.cpu(), x.cpu() + 1)
     x2, y2 = get_batch(data.cuda(), 8, 32, generator=torch.Generator().manual_seed(0))  # data already on the GPU
     assert x2.is_cuda and torch.equal(x2, x)
+    x3, y3 = get_batch(data.cuda(), 8, 32, device="cuda", generator=torch.Generator().manual_seed(0))  # nothing to pin
+    assert x3.is_cuda and torch.equal(x3, x) and torch.equal(y3, y)
+
+
+@pytest.mark.parametrize(
+    "source, target, pinned",
+    [("cpu", "cuda", True), ("cpu", "cuda:1", True), ("cuda", "cuda", False), ("cuda:0", "cpu", False), ("cpu", "cpu", False), ("cpu", "meta", False)],
+)
+def test_only_a_cpu_to_cuda_copy_goes_through_pinned_memory(source, target, pinned):
+    assert _pin_for_copy(torch.device(source), torch.device(target)) is pinned
+
+
+def test_get_batch_reads_no_value_back_for_tensor_data(no_value_reads):
+    """Gathering a batch from a tensor never reads a value into Python (no wait for a GPU holding the data)."""
+    data, gen = torch.arange(1000), torch.Generator().manual_seed(0)
+    with no_value_reads():
+        x, y = get_batch(data, 8, 32, generator=gen)
+    assert torch.equal(y, x + 1)
 
 
 def test_data_shorter_than_one_block_plus_one():

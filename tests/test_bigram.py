@@ -57,7 +57,7 @@ def test_loss_matches_torch_after_random_init():
         (torch.tensor([[0.0, 1.0]]), None, TypeError, "integer"),
         (torch.tensor([0, 1]), None, ValueError, r"\(B, T\)"),
         (torch.tensor([[0, 1]]), torch.tensor([[0, 1, 2]]), ValueError, "shape"),
-        (torch.tensor([[0, 1]]), torch.tensor([[0, 7]]), ValueError, "targets"),
+        (torch.tensor([[0, 1]]), torch.tensor([[0, 7]]), ValueError, "target 7 is outside"),
     ],
 )
 def test_forward_errors(idx, targets, exc, match):

@@ -42,7 +42,7 @@ def test_postnorm_formula():
 
 
 @pytest.mark.parametrize("prenorm", [True, False])
-@pytest.mark.parametrize("implementation", ["sdpa", "manual"])
+@pytest.mark.parametrize("implementation", ["fused", "manual"])
 def test_block_is_causal(prenorm, implementation):
     torch.manual_seed(0)
     block = Block(16, 4, prenorm=prenorm, implementation=implementation).eval()

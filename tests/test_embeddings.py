@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcourse.embeddings import TokenAndPositionEmbedding, check_token_ids, sinusoidal_positions
+from llmcourse.embeddings import TokenAndPositionEmbedding, check_token_ids, embed_token_ids, sinusoidal_positions
 
 
 @settings(max_examples=25, deadline=None)
@@ -141,6 +141,36 @@ def test_constructor_errors(kwargs, exc, match):
     args = {"vocab_size": 10, "block_size": 8, "n_embd": 4} | kwargs
     with pytest.raises(exc, match=match):
         TokenAndPositionEmbedding(**args)
+
+
+def test_metadata_checks_and_the_lookup_read_nothing_back(no_value_reads):
+    """values=False and a good lookup bring no value back to Python: that would make the CPU wait for a GPU."""
+    good, empty, bad = torch.tensor([[0, 4]]), torch.zeros(2, 0, dtype=torch.long), torch.tensor([[0, 5]])
+    table = torch.nn.Embedding(5, 3)
+    with no_value_reads():
+        check_token_ids(good, 5, values=False)
+        check_token_ids(empty, 5, values=False)
+        check_token_ids(bad, 5, values=False)  # the values are not looked at
+        assert embed_token_ids(table, good).shape == (1, 2, 3)
+        with pytest.raises(TypeError, match="integer"):  # type and shape come from the metadata
+            check_token_ids(good.float(), 5, values=False)
+        with pytest.raises(ValueError, match=r"\(B, T\)"):
+            embed_token_ids(table, good[0])
+
+
+@pytest.mark.parametrize("bad", [5, -1, 99])
+def test_embed_token_ids_names_a_bad_id_without_a_chained_traceback(bad):
+    table = torch.nn.Embedding(5, 3)
+    with pytest.raises(ValueError, match=rf"token id {bad} in targets is out of range") as info:
+        embed_token_ids(table, torch.tensor([[0, bad, 1]]), "targets")
+    assert info.value.__suppress_context__  # the lookup's terse IndexError is not shown above it
+
+
+def test_embed_token_ids_equals_the_lookup_for_any_integer_dtype():
+    table = torch.nn.Embedding(7, 3)
+    idx = torch.tensor([[0, 6, 3]])
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(embed_token_ids(table, idx.to(dtype)), table(idx))
 
 
 def test_check_token_ids():

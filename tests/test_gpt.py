@@ -48,7 +48,7 @@ def test_config_defaults_are_gpt2_small():
         (dict(dropout=1.0), ValueError, "dropout"),
         (dict(bias="yes"), TypeError, "bias"),
         (dict(tie_weights=1), TypeError, "tie_weights"),
-        (dict(attn_implementation="flash"), ValueError, "attn_implementation"),
+        (dict(implementation="flash"), ValueError, "implementation"),
         (dict(gelu_approximate="fast"), ValueError, "gelu_approximate"),
         (dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps"),
     ],
@@ -166,10 +166,10 @@ def test_ignore_index_and_no_targets():
 
 
 # ------------------------------------------------------------------------------------- behaviour
-@pytest.mark.parametrize("implementation", ["sdpa", "manual"])
+@pytest.mark.parametrize("implementation", ["fused", "manual"])
 def test_whole_model_is_causal(implementation):
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(SMALL, attn_implementation=implementation)).eval()
+    model = GPT(dataclasses.replace(SMALL, implementation=implementation)).eval()
     idx = torch.randint(97, (2, 16))
     with torch.no_grad():
         base = model(idx)[0]
@@ -184,20 +184,99 @@ def test_whole_model_is_causal(implementation):
 def test_implementations_agree():
     torch.manual_seed(0)
     a = GPT(SMALL).eval()
-    b = GPT(dataclasses.replace(SMALL, attn_implementation="manual")).eval()
+    b = GPT(dataclasses.replace(SMALL, implementation="manual")).eval()
     b.load_state_dict(a.state_dict())
     idx = torch.randint(97, (2, 16))
     torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_and_manual_agree_in_loss_and_every_gradient(bias):
+    """The one switch: PyTorch's kernels and the course's code train the same model."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(SMALL, bias=bias)
+    fused = GPT(config).train()
+    manual = GPT(dataclasses.replace(config, implementation="manual")).train()
+    manual.load_state_dict(fused.state_dict())
+    idx, targets = torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+    targets[0, :4] = -100  # ignored positions, in both losses
+    results = []
+    for model in (fused, manual):
+        logits, loss = model(idx, targets)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(grad, results[1][2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_every_layer_follows_the_switch():
+    from llmcourse.mha import CausalSelfAttention
+    from llmcourse.mlp import MLP, Dropout
+    from llmcourse.norms import LayerNorm
+
+    for implementation in ("fused", "manual"):
+        model = GPT(dataclasses.replace(SMALL, dropout=0.1, implementation=implementation))
+        layers = [m for m in model.modules() if isinstance(m, (CausalSelfAttention, MLP, Dropout, LayerNorm))]
+        assert len(layers) == 1 + 2 * (4 + 1) + 1  # drop; per block ln_1, ln_2, attn, mlp, mlp.dropout; ln_f
+        assert {m.implementation for m in layers} == {implementation}
+
+
+@pytest.mark.parametrize("implementation", ["fused", "manual"])
+def test_forward_loss_and_backward_read_no_value_back(implementation, no_value_reads):
+    """No host synchronization: nothing in a training step's forward, loss or backward reads a tensor value."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(SMALL, dropout=0.1, implementation=implementation)).train()
+    idx, targets = torch.randint(97, (2, 16)), torch.randint(97, (2, 16))
+    with no_value_reads():
+        _, loss = model(idx, targets)
+        loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("implementation", ["fused", "manual"])
+def test_no_graph_breaks_under_dynamo(implementation):
+    """torch.compile can take the whole forward with targets as one graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = GPT(dataclasses.replace(SMALL, dropout=0.1, implementation=implementation)).train()
+    idx, targets = torch.randint(97, (2, 16)), torch.randint(97, (2, 16))
+    explanation = torch._dynamo.explain(model)(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_position_vectors_are_the_first_rows_of_wpe():
+    """wpe.weight[:T] gives the values and gradients of the lookup wpe(arange(T))."""
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    idx = torch.randint(97, (2, 10))
+    model(idx)[0].pow(2).mean().backward()
+    grad_slice = model.transformer.wpe.weight.grad.clone()
+    model.zero_grad()
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10))
+    for block in model.transformer.h:
+        x = block(x)
+    model.lm_head(model.transformer.ln_f(x)).pow(2).mean().backward()
+    torch.testing.assert_close(model.transformer.wpe.weight.grad, grad_slice)
+    assert not grad_slice[10:].any()  # positions beyond T get no gradient
 
 
 def test_errors_for_long_sequences_and_bad_ids():
     model = GPT(SMALL)
     with pytest.raises(ValueError, match=r"17.*block_size 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"97.*\[0, 97\)"):
+    with pytest.raises(ValueError, match=r"token id 97 in idx.*\[0, 96\]"):
         model(torch.tensor([[0, 97]]))
-    with pytest.raises(ValueError, match=r"-1.*\[0, 97\)"):
+    with pytest.raises(ValueError, match=r"token id -1 in idx.*\[0, 96\]"):
         model(torch.tensor([[-1, 3]]))
+    manual = GPT(dataclasses.replace(SMALL, implementation="manual"))
+    with pytest.raises(ValueError, match="target 97 is outside"):
+        manual(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 2, 97, 3]]))
+    with pytest.raises(IndexError, match="97"):  # the fused loss: PyTorch's own message names it too
+        model(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 2, 97, 3]]))
     with pytest.raises(TypeError, match="int64"):
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
@@ -232,7 +311,7 @@ def test_from_hf_logits_equal_transformers(transformers):
 
 def test_from_hf_untied_and_manual_attention(transformers):
     hf = tiny_hf(transformers, tie_word_embeddings=False, layer_norm_epsilon=1e-6)
-    model = GPT.from_hf(hf, attn_implementation="manual").eval()
+    model = GPT.from_hf(hf, implementation="manual").eval()
     assert not model.config.tie_weights and model.config.layer_norm_eps == 1e-6
     torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight)
     idx = torch.randint(100, (2, 20))

@@ -141,10 +141,22 @@ def test_target_out_of_range_names_value_and_range():
         cross_entropy(logits, torch.tensor([1, 70, 2]))
     with pytest.raises(ValueError, match=r"target 65 is outside \[0, 65\)"):
         cross_entropy(logits, torch.tensor([65, 0, 0]))
-    with pytest.raises(ValueError, match=r"target -1 is outside \[0, 65\)"):
+    with pytest.raises(ValueError, match=r"target -1 is outside \[0, 65\)") as info:
         cross_entropy(logits, torch.tensor([-1, 0, 0]))
+    assert info.value.__suppress_context__  # gather's terse error is not shown above ours
     with pytest.raises(ValueError, match=r"target -100 is outside"):  # -100 is only skipped when it is ignore_index
         cross_entropy(logits, torch.tensor([-100, 0, 0]), ignore_index=-1)
+
+
+def test_range_check_reads_nothing_back(no_value_reads):
+    """The target check runs on the device: no value comes back to Python (no host synchronization)."""
+    logits, targets = torch.randn(2, 4, 65, requires_grad=True), torch.randint(0, 65, (2, 4))
+    targets[0, 0] = -100
+    expected = F.cross_entropy(logits.reshape(-1, 65), targets.reshape(-1))
+    with no_value_reads():
+        loss = cross_entropy(logits, targets)
+        loss.backward()
+    torch.testing.assert_close(loss, expected)
 
 
 def test_out_of_range_check_skips_ignored_positions():

@@ -11,7 +11,7 @@ from torch import nn
 from llmcourse.attention import scaled_dot_product_attention
 from llmcourse.core import causal_mask
 from llmcourse.gradcheck import gradcheck
-from llmcourse.mha import IMPLEMENTATIONS, CausalSelfAttention
+from llmcourse.mha import IMPLEMENTATIONS, CausalSelfAttention, check_implementation
 
 
 def _layer(n_embd=32, n_head=4, seed=0, **kwargs) -> CausalSelfAttention:
@@ -40,8 +40,8 @@ def test_gpt2_names_shapes_and_parameter_count():
     assert isinstance(layer.c_proj, nn.Linear) and layer.c_proj.weight.shape == (768, 768)
     assert isinstance(layer.attn_dropout, nn.Dropout) and isinstance(layer.resid_dropout, nn.Dropout)
     assert sum(p.numel() for p in layer.parameters()) == 4 * 768 * 768 + 4 * 768 == 2_362_368
-    assert (layer.n_embd, layer.n_head, layer.head_size, layer.implementation) == (768, 12, 64, "sdpa")
-    assert "implementation='sdpa'" in repr(layer)
+    assert (layer.n_embd, layer.n_head, layer.head_size, layer.implementation) == (768, 12, 64, "fused")
+    assert "implementation='fused'" in repr(layer)
 
 
 def test_no_bias_and_dropout_arguments():
@@ -50,7 +50,8 @@ def test_no_bias_and_dropout_arguments():
     assert list(layer.state_dict()) == ["c_attn.weight", "c_proj.weight"]
     assert layer.attn_dropout.p == 0.1 and layer.resid_dropout.p == 0.1 and layer.dropout == 0.1
     assert layer.implementation == "manual"
-    assert IMPLEMENTATIONS == ("sdpa", "manual")
+    assert IMPLEMENTATIONS == ("fused", "manual")
+    assert [check_implementation(name) for name in IMPLEMENTATIONS] == list(IMPLEMENTATIONS)
 
 
 def test_shapes_of_the_heads():
@@ -66,17 +67,17 @@ def test_shapes_of_the_heads():
     assert torch.equal(layer.merge_heads(q), q_flat)
 
 
-# ---- manual == sdpa == references ------------------------------------------------------------------
+# ---- manual == fused == references ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("n_embd", "n_head", "T"), [(32, 4, 7), (32, 1, 5), (48, 6, 1), (16, 16, 9), (64, 2, 33)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_manual_and_sdpa_have_equal_outputs_and_gradients(n_embd, n_head, T, bias):
+def test_manual_and_fused_have_equal_outputs_and_gradients(n_embd, n_head, T, bias):
     layer = _layer(n_embd, n_head, bias=bias)
     x = _x(T=T, C=n_embd)
     layer.implementation = "manual"
     manual = _outputs_and_grads(layer, x)
-    layer.implementation = "sdpa"
+    layer.implementation = "fused"
     fused = _outputs_and_grads(layer, x)
     assert len(manual) == len(fused) == 2 + (4 if bias else 2)
     for a, b in zip(manual, fused):
@@ -87,7 +88,7 @@ def test_float64_and_gradcheck():
     layer = _layer(4, 2, implementation="manual").double()
     x = _x(B=1, T=3, C=4, dtype=torch.float64).requires_grad_()
     assert gradcheck(layer, [x], params=dict(layer.named_parameters()))
-    layer.implementation = "sdpa"
+    layer.implementation = "fused"
     assert layer(x).dtype == torch.float64
 
 
@@ -181,7 +182,7 @@ def test_manual_path_uses_attn_dropout_and_both_paths_use_resid_dropout():
     clean = layer(x)
     layer.attn_dropout.p = 1.0  # every attention weight dropped: the heads output zeros, only c_proj's bias is left
     torch.testing.assert_close(layer(x), layer.c_proj.bias.expand_as(clean))
-    layer.implementation = "sdpa"  # the fused path reads the same probability
+    layer.implementation = "fused"  # the fused path reads the same probability
     torch.testing.assert_close(layer(x), layer.c_proj.bias.expand_as(clean))
     layer.attn_dropout.p = 0.0
     layer.resid_dropout.p = 1.0
@@ -228,7 +229,7 @@ def test_bad_implementation_name(bad):
     layer = CausalSelfAttention(32, 4)
     with pytest.raises(ValueError, match="implementation must be one of"):
         layer.implementation = bad
-    assert layer.implementation == "sdpa"  # unchanged after the refused assignment
+    assert layer.implementation == "fused"  # unchanged after the refused assignment
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,50 @@ def test_swiglu_gradcheck():
     m = SwiGLU(4, hidden=6).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert gradcheck(m, (x,), params=dict(m.named_parameters()))
+
+
+# ---- the implementation switch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_fused_equals_manual_in_values_and_gradients(approximate, bias):
+    torch.manual_seed(0)
+    fused = MLP(8, bias=bias, approximate=approximate)
+    manual = MLP(8, bias=bias, approximate=approximate, implementation="manual")
+    manual.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, 8)
+    outs = [m(x) for m in (fused, manual)]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.pow(2).sum(), list(m.parameters())) for o, m in zip(outs, (fused, manual))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_swiglu_fused_equals_manual():
+    torch.manual_seed(0)
+    fused, manual = SwiGLU(8), SwiGLU(8, implementation="manual")
+    manual.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fused(x), manual(x))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_keeps_the_mean_and_the_survivor_scale(p):
+    torch.manual_seed(0)
+    x = torch.rand(400, 500) + 0.5
+    for implementation in ("fused", "manual"):
+        y = Dropout(p, implementation=implementation).train()(x)
+        zero = y == 0
+        n = x.numel()
+        assert abs(zero.float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+        torch.testing.assert_close(y[~zero], x[~zero] / (1 - p))
+        assert torch.equal(Dropout(p, implementation=implementation).eval()(x), x)
+
+
+def test_layers_default_to_fused_and_refuse_unknown_implementations():
+    assert Dropout(0.1).implementation == MLP(8).implementation == SwiGLU(8).implementation == "fused"
+    assert MLP(8).dropout.implementation == "fused" and MLP(8, implementation="manual").dropout.implementation == "manual"
+    for make in (lambda: Dropout(0.1, implementation="cuda"), lambda: MLP(8, implementation="sdpa"), lambda: SwiGLU(8, implementation=None)):
+        with pytest.raises(ValueError, match="implementation must be one of"):
+            make()

@@ -198,3 +198,35 @@ def test_bad_inputs_and_arguments(cls):
 def test_layernorm_eps_none_is_refused():
     with pytest.raises(ValueError, match="eps must be a positive number, got None"):
         LayerNorm(8, eps=None)
+
+
+# ---- the implementation switch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, {}), (torch.float64, {}), (torch.bfloat16, dict(atol=2e-2, rtol=2e-2))])
+@pytest.mark.parametrize("shape, bias", [(16, True), ((3, 16), True), (16, False)])
+def test_layernorm_fused_equals_manual_in_values_and_gradients(dtype, tol, shape, bias):
+    torch.manual_seed(0)
+    layer = LayerNorm(shape, bias=bias, dtype=torch.float64 if dtype == torch.float64 else None)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = (torch.randn(2, 5, 3, 16) * 3 + 1).to(dtype)
+    results = {}
+    for implementation in ("manual", "fused"):
+        layer.implementation = implementation
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        results[implementation] = [y, *torch.autograd.grad((y.float() ** 2).sum(), [xi, *layer.parameters()])]
+    for a, b in zip(results["manual"], results["fused"]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_layernorm_default_is_fused_and_refuses_unknown_implementations():
+    assert LayerNorm(8).implementation == "fused"
+    assert "implementation='manual'" in repr(LayerNorm(8, implementation="manual"))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        LayerNorm(8, implementation="apex")
+    with pytest.raises(ValueError, match=r"last 1 dimension"):  # the same clear shape error on both paths
+        LayerNorm(8)(torch.randn(2, 4))

@@ -134,8 +134,10 @@ def test_char_lstm_errors():
     model = CharLSTM(5, 4, 4)
     with pytest.raises(ValueError, match="token id 5"):
         model(torch.tensor([[0, 5]]))
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="target 9 is outside"):
         model(torch.tensor([[0, 1]]), torch.tensor([[0, 9]]))
+    with pytest.raises(ValueError, match="token id 5"):  # generate checks its prompt exactly
+        model.generate(torch.tensor([[0, 5]]), 3)
     with pytest.raises(ValueError, match="shape"):
         model(torch.tensor([[0, 1]]), torch.tensor([[0, 1, 2]]))
     with pytest.raises(TypeError):
