@@ -67,6 +67,8 @@ class Dropout(nn.Module):
         self.implementation = check_implementation(implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x  # nothing to drop: both implementations would return x itself
         if self.implementation == "fused":
             return F.dropout(x, self.p, self.training)
         return dropout(x, self.p, self.training)
