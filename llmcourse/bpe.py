@@ -359,6 +359,11 @@ class BPETokenizer:
         """The merges `(left, right, new_id)` in the order they are applied."""
         return [(left, right, new) for (left, right), new in self._merges.items()]
 
+    @property
+    def byte_ids(self) -> list[int]:
+        """The id of each of the 256 byte values (`byte_ids[b]`), a copy."""
+        return list(self._byte_ids)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes that `token_id` stands for (a special token's UTF-8 text for a special id).
 
