@@ -26,6 +26,10 @@ import platform
 import statistics
 import time
 
+# OpenMP threads that spin while they wait steal the cores from the other run and make timings erratic on
+# a busy machine; waiting passively keeps the side-by-side comparison fair. Set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 from torch import nn
