@@ -22,8 +22,14 @@ Each module is exported from one day notebook (its first lines name it); import 
     from llmcourse.mlp import MLP, SwiGLU                     # Day 16
     from llmcourse.block import Block                         # Day 17
     from llmcourse.gpt import GPT, GPTConfig                  # Day 18
+    from llmcourse.schedule import cosine_lr, LRScheduler     # Day 19
+    from llmcourse.train import TrainConfig, Trainer          # Day 20
+    from llmcourse.checkpoint import load_pretrained          # Day 21
+    from llmcourse.diagnostics import EarlyStopping           # Day 22
+    from llmcourse.presets import preset_config, start_run    # Day 23
+    from llmcourse.experiments import sweep, race             # Day 24
 
-`python -m llmcourse.export` regenerates those modules from notebooks/.
+`python -m llmcourse.export` regenerates those modules from notebooks/; `llmcourse train` trains a model (Day 23).
 """
 
 __version__ = "0.1.0"

@@ -30,3 +30,26 @@ def no_value_reads(monkeypatch):
             yield
 
     return guard
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A small corpus file (the first 40,000 characters of the plays), so that training runs take a second."""
+    from llmcourse.data import load_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(load_corpus("shakespeare")[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config(corpus_file):
+    """A factory of TrainConfigs for a one-layer, 16-wide model on ``corpus_file``: ``tiny_config(max_steps=40)``."""
+    from llmcourse.train import TrainConfig
+
+    def make(**overrides) -> TrainConfig:
+        settings = dict(corpus=str(corpus_file), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=30,
+                        warmup_steps=5, eval_interval=10, eval_iters=2, log_interval=5, device="cpu")
+        return TrainConfig(**{**settings, **overrides})
+
+    return make
