@@ -53,3 +53,19 @@ def tiny_config(corpus_file):
         return TrainConfig(**{**settings, **overrides})
 
     return make
+
+
+@pytest.fixture
+def poison_loss():
+    """``poison_loss(trainer, from_step)``: from that step on, the model's loss is nan, as after an overflow."""
+
+    def poison(trainer, from_step: int) -> None:
+        original = trainer.model.forward
+
+        def poisoned(idx, targets=None):
+            logits, loss = original(idx, targets)
+            return logits, (loss * float("nan") if trainer.step >= from_step else loss)
+
+        trainer.model.forward = poisoned
+
+    return poison

@@ -188,16 +188,10 @@ def test_layer_monitor_records_each_log_step_like_a_manual_measurement(tiny_conf
 
 
 
-def test_layer_monitor_takes_its_hooks_off_when_a_run_fails(tiny_config, data):
+def test_layer_monitor_takes_its_hooks_off_when_a_run_fails(tiny_config, data, poison_loss):
     monitor = LayerMonitor()
     trainer = Trainer(tiny_config(max_steps=40), data, callbacks=[monitor], progress=False)
-    original = trainer.model.forward
-
-    def poisoned(idx, targets=None):  # the loss is nan from step 7 on
-        logits, loss = original(idx, targets)
-        return logits, (loss * float("nan") if trainer.step >= 7 else loss)
-
-    trainer.model.forward = poisoned
+    poison_loss(trainer, from_step=7)  # the loss is nan from step 7 on
     with pytest.raises(NonFiniteLossError):
         trainer.run()
     assert monitor.records  # it was hooked in and measured before the loss went bad
@@ -354,15 +348,9 @@ def test_a_real_explosion_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_
     assert torch.isfinite(loss) and loss.item() < math.log(data.tokenizer.vocab_size)
 
 
-def test_a_poisoned_run_keeps_last_pt_at_the_evaluation_before(tiny_config, data, tmp_path):
+def test_a_poisoned_run_keeps_last_pt_at_the_evaluation_before(tiny_config, data, tmp_path, poison_loss):
     trainer = Trainer(tiny_config(max_steps=40), data, callbacks=[Checkpointer(tmp_path)], progress=False)
-    original = trainer.model.forward
-
-    def poisoned(idx, targets=None):  # from step 23 on the loss is nan, as after an overflow
-        logits, loss = original(idx, targets)
-        return logits, (loss * float("nan") if trainer.step >= 23 else loss)
-
-    trainer.model.forward = poisoned
+    poison_loss(trainer, from_step=23)  # the loss is nan from step 23 on
     with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 25"):
         trainer.run()
     bundle = load_checkpoint(tmp_path / "last.pt")

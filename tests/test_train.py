@@ -171,7 +171,7 @@ def test_callbacks_see_every_record_and_can_stop(tiny_config):
     assert trainer.step == 30
 
 
-def test_a_non_finite_loss_stops_the_run_with_a_clear_message(tiny_config):
+def test_a_non_finite_loss_stops_the_run_with_a_clear_message(tiny_config, poison_loss):
     evaluations = []
 
     class Count(Callback):
@@ -180,13 +180,7 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_message(tiny_config):
 
     config = tiny_config(max_steps=40)
     trainer = Trainer(config, callbacks=[Count()], progress=False)
-    original = trainer.model.forward
-
-    def poisoned(idx, targets=None):  # from step 12 on the loss is nan, as after an explosion
-        logits, loss = original(idx, targets)
-        return logits, (loss * float("nan") if trainer.step >= 12 else loss)
-
-    trainer.model.forward = poisoned
+    poison_loss(trainer, from_step=12)  # the loss is nan from step 12 on
     with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 15"):
         trainer.run()
     assert evaluations == [0, 10]  # nothing evaluated (or saved) after the loss went bad
