@@ -28,8 +28,14 @@ Each module is exported from one day notebook (its first lines name it); import 
     from llmcourse.diagnostics import EarlyStopping           # Day 22
     from llmcourse.presets import preset_config, start_run    # Day 23
     from llmcourse.experiments import sweep, race             # Day 24
+    from llmcourse.generate import generate                   # Day 25
+    from llmcourse.sampling import top_k_filter, top_p_filter # Day 26
+    from llmcourse.widgets import sampling_widget             # Day 27
+    from llmcourse.kvcache import KVCache                     # Day 28
+    from llmcourse.decoding import beam_search, StopStrings   # Day 29
+    from llmcourse.commands import run_generate               # Day 30
 
-`python -m llmcourse.export` regenerates those modules from notebooks/; `llmcourse train` trains a model (Day 23).
+`python -m llmcourse.export` regenerates those modules from notebooks/; `llmcourse train` trains a model (Day 23) and `llmcourse generate` writes with one (Day 30).
 """
 
 __version__ = "0.1.0"

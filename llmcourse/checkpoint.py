@@ -5,7 +5,7 @@
 Today you make training safe to interrupt: a checkpoint that holds everything a run needs to continue, written so that a crash at any moment leaves the previous one whole, and read so that a file can never run code on your machine. The proof is a run that stops halfway, is saved, loaded into fresh objects and continued, and ends bit for bit where the uninterrupted run ends.
 """
 
-__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'tokenizer_to_dict', 'tokenizer_from_dict', 'trainer_state', 'save_checkpoint', 'REQUIRED_KEYS', 'load_checkpoint', 'model_from_checkpoint', 'restore_trainer', 'MODEL_SETTINGS', 'Checkpointer', 'PRETRAINED', 'WEIGHTS_ONLY_KEYS', 'weights_only_bundle', 'pretrained_path', 'load_pretrained']
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'tokenizer_to_dict', 'tokenizer_from_dict', 'trainer_state', 'write_atomically', 'save_checkpoint', 'REQUIRED_KEYS', 'load_checkpoint', 'model_from_checkpoint', 'restore_trainer', 'MODEL_SETTINGS', 'Checkpointer', 'PRETRAINED', 'WEIGHTS_ONLY_KEYS', 'weights_only_bundle', 'pretrained_path', 'load_pretrained']
 
 
 # day21_checkpoints.ipynb, cell 4
@@ -14,7 +14,9 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -87,18 +89,18 @@ def trainer_state(trainer: Trainer) -> dict:
 
 
 # day21_checkpoints.ipynb, cell 11
-def save_checkpoint(bundle: dict, path: str | os.PathLike) -> Path:
-    """Write ``bundle`` to ``path`` atomically: a crash at any moment leaves the old file whole.
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Create or replace the file ``path`` all at once: a crash at any moment leaves the old file whole.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed to the disk, and the
-    temporary file then replaces ``path`` with ``os.replace``, which is atomic on one file system.
+    ``write(fh)`` writes the bytes to a temporary file in the same folder, which is flushed and fsync'ed
+    to the disk and then replaces ``path`` with ``os.replace``, atomic on one file system. The folder
+    must exist. (Day 30 writes text files this way too.)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(bundle, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
@@ -108,6 +110,13 @@ def save_checkpoint(bundle: dict, path: str | os.PathLike) -> Path:
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def save_checkpoint(bundle: dict, path: str | os.PathLike) -> Path:
+    """Write ``bundle`` to ``path`` (creating its folder) with ``write_atomically``: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda fh: torch.save(bundle, fh))
 
 
 def _umask() -> int:
