@@ -37,6 +37,7 @@ Each module is exported from one day notebook (its first lines name it); import 
     from llmcourse.perf import training_memory, flops_per_token  # Day 31
     from llmcourse.amp import choose_amp_dtype, autocast_context  # Day 32
     from llmcourse.kernels import compile_model, plain_state_dict  # Day 33
+    from llmcourse.memory import accumulation_step, enable_activation_checkpointing  # Day 34
 
 `python -m llmcourse.export` regenerates those modules from notebooks/; `llmcourse train` trains a model (Day 23) and `llmcourse generate` writes with one (Day 30).
 """
