@@ -22,6 +22,7 @@ from .batches import get_batch
 from .core import set_seed
 from .gpt import GPT, GPTConfig
 from .optim import configure_optimizer
+from .perf import require_cuda
 from .train import TrainConfig, TrainingData, clip_grad_norm, prepare_data
 
 
@@ -318,13 +319,10 @@ def gpu_report_section(device: str | torch.device = "cuda", steps: int = 200, wa
     the chosen dtype. ``tests/benchmarks/gpu_report.py`` stores the dict under "day32".
 
     Raises:
-        RuntimeError: CUDA is not available, or ``device`` is not a CUDA device.
+        RuntimeError: CUDA is not available.
+        ValueError: ``device`` is not a CUDA device.
     """
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_report_section needs a CUDA GPU and this machine has none")
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise RuntimeError(f"gpu_report_section needs a CUDA device, got {str(device)!r}")
+    device = require_cuda(device)  # Day 31
     chosen = choose_amp_dtype(device)
     section = {"device": torch.cuda.get_device_name(device), "capability": list(cuda_capability(device)),
                "chosen_dtype": str(chosen).replace("torch.", "")}

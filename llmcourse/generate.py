@@ -8,7 +8,7 @@ Today you write the loop that turns a trained GPT into a writer: read the text s
 __all__ = ['Prompts', 'StopRule', 'crop_context', 'check_temperature', 'check_count', 'choose_next_token', 'prepare_prompts', 'generate_tokens', 'generate', 'repeated_lines']
 
 
-# day25_generation.ipynb, cell 18
+# day25_generation.ipynb, cell 21
 import math
 from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral, Real
@@ -32,7 +32,7 @@ def crop_context(idx: torch.Tensor, block_size: int) -> torch.Tensor:
     return idx if idx.size(-1) <= block_size else idx[..., -block_size:]
 
 
-# day25_generation.ipynb, cell 22
+# day25_generation.ipynb, cell 25
 def check_temperature(temperature: float) -> float:
     """``temperature`` as a float when it is 0 (greedy) or a positive finite number.
 
@@ -82,7 +82,7 @@ def choose_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
 
 
-# day25_generation.ipynb, cell 26
+# day25_generation.ipynb, cell 29
 def prepare_prompts(model: GPT, idx: Prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch of prompts as ``(ids (B, T), pad_mask (B, T) or None)`` on the model's device.
 
@@ -116,7 +116,7 @@ def prepare_prompts(model: GPT, idx: Prompts) -> tuple[torch.Tensor, torch.Tenso
     return left_pad(rows)
 
 
-# day25_generation.ipynb, cell 29
+# day25_generation.ipynb, cell 33
 def _check_generate_args(
     model: GPT, max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float, stop
 ) -> tuple[float, int | None, float | None]:
@@ -162,7 +162,7 @@ def _pads_as_seen_tokens(seq: torch.Tensor, pad_mask: torch.Tensor | None) -> to
     return torch.where(pad_mask, seq, first_real)
 
 
-# day25_generation.ipynb, cell 30
+# day25_generation.ipynb, cell 34
 @torch.inference_mode()
 def generate_tokens(
     model: GPT,
@@ -210,7 +210,7 @@ def generate_tokens(
         model.train(was_training)
 
 
-# day25_generation.ipynb, cell 32
+# day25_generation.ipynb, cell 36
 def generate(
     model: GPT,
     idx: Prompts,
@@ -275,7 +275,7 @@ def generate(
     return [p + r for p, r in zip(prompts, rows)]
 
 
-# day25_generation.ipynb, cell 37
+# day25_generation.ipynb, cell 41
 def repeated_lines(text: str) -> float:
     """The fraction of the non-empty lines of ``text`` that repeat an earlier line exactly (0 when none)."""
     lines = [line for line in text.split("\n") if line.strip()]

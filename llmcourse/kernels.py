@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gpt import GPT, GPTConfig
+from .perf import require_cuda
 
 BACKENDS = ("inductor", "aot_eager", "eager")  # the torch.compile backends the course uses
 
@@ -374,9 +375,5 @@ def gpu_report_section(device: str | torch.device = "cuda") -> dict[str, Any]:
     Raises:
         RuntimeError: no CUDA GPU here (the numbers of this section come only from a real GPU).
     """
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_report_section needs a CUDA GPU and torch.cuda.is_available() is False; run it on a GPU machine (e.g. Colab with a T4)")
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"gpu_report_section measures a CUDA device, got {device}")
+    device = require_cuda(device)  # Day 31
     return {"device_name": torch.cuda.get_device_name(device), **kernel_benchmarks(device)}

@@ -23,7 +23,7 @@ from .amp import autocast_context, choose_amp_dtype, make_grad_scaler
 from .block import Block
 from .gpt import GPT, GPTConfig
 from .optim import configure_optimizer
-from .perf import ActivationMemory, activation_memory, saved_tensor_bytes
+from .perf import ActivationMemory, activation_memory, require_cuda, saved_tensor_bytes
 from .train import clip_grad_norm
 
 WEIGHTINGS = ("tokens", "mean")  # how accumulate_gradients weighs each micro-batch's loss
@@ -431,9 +431,5 @@ def gpu_report_section(device: str | torch.device = "cuda") -> dict[str, Any]:
         RuntimeError: no CUDA GPU here (the numbers of this section come only from a real GPU).
         ValueError: device is not a CUDA device.
     """
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_report_section needs a CUDA GPU and torch.cuda.is_available() is False; run it on a GPU machine (e.g. Colab with a T4)")
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"gpu_report_section measures a CUDA device, got {device}")
+    device = require_cuda(device)  # Day 31
     return {"device_name": torch.cuda.get_device_name(device), **memory_benchmarks(device)}

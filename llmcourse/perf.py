@@ -5,7 +5,7 @@
 Today you will predict, before you run anything, how many bytes a training run needs and how many floating-point operations each token costs, and then check every prediction against what PyTorch measures. You will end with `llmcourse.perf`: byte tables for weights, gradients and optimizer state, an activation estimate, FLOPs per token, and model FLOPs utilization (MFU), the one number that says how well a run uses its hardware.
 """
 
-__all__ = ['PRECISIONS', 'OPTIMIZER_STATE_WORDS', 'TrainingMemory', 'training_memory', 'tensor_bytes', 'optimizer_state_bytes', 'ActivationMemory', 'activation_memory', 'saved_tensor_bytes', 'matmul_parameters', 'flops_per_token', 'PEAK_FLOPS', 'peak_flops', 'mfu', 'gpu_report_section']
+__all__ = ['PRECISIONS', 'OPTIMIZER_STATE_WORDS', 'TrainingMemory', 'training_memory', 'tensor_bytes', 'optimizer_state_bytes', 'ActivationMemory', 'activation_memory', 'saved_tensor_bytes', 'matmul_parameters', 'flops_per_token', 'PEAK_FLOPS', 'peak_flops', 'mfu', 'require_cuda', 'gpu_report_section']
 
 
 # day31_devices_memory_speed.ipynb, cell 4
@@ -314,6 +314,23 @@ def _training_run(config: GPTConfig, batch_size: int, seq_len: int, device: torc
     }
 
 
+def require_cuda(device: str | torch.device = "cuda") -> torch.device:
+    """``device`` as a ``torch.device`` when it is a CUDA device and a CUDA GPU is here.
+
+    Every Week 6 ``gpu_report_section`` starts with it: their numbers may only come from a real GPU.
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device.
+        RuntimeError: no CUDA GPU is available.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"gpu_report_section measures a CUDA GPU, got device {str(device)!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_report_section needs a CUDA GPU and torch.cuda.is_available() is False; run it on a GPU machine (e.g. Colab with a T4)")
+    return device
+
+
 def gpu_report_section(device: str | torch.device = "cuda", steps: int = 5) -> dict:
     """Day 31's entry of the week's GPU report: predicted memory and FLOPs against measurements.
 
@@ -327,11 +344,7 @@ def gpu_report_section(device: str | torch.device = "cuda", steps: int = 5) -> d
         ValueError: device is not a CUDA device.
         RuntimeError: no CUDA GPU is available.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"gpu_report_section measures a CUDA GPU, got device {str(device)!r}")
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_report_section needs a CUDA GPU: torch.cuda.is_available() is False")
+    device = require_cuda(device)
     if _check_count("steps", steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     name = torch.cuda.get_device_name(device)
