@@ -71,8 +71,12 @@ def _rng_states(trainer: Trainer) -> dict:
 
 
 def trainer_state(trainer: Trainer) -> dict:
-    """Everything a run needs to continue exactly: the checkpoint bundle of ``trainer``, as plain values and tensors."""
-    return {
+    """Everything a run needs to continue exactly: the checkpoint bundle of ``trainer``, as plain values and tensors.
+
+    ``trainer.model`` is the plain GPT even when Week 6 compiles or wraps it for training, so the keys of
+    ``"model"`` are always the GPT's own names. A float16 run (Day 32) also saves its loss scaler.
+    """
+    bundle = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model": trainer.model.state_dict(),
@@ -86,6 +90,9 @@ def trainer_state(trainer: Trainer) -> dict:
         "rng": _rng_states(trainer),
         "history": list(trainer.history),
     }
+    if trainer.scaler is not None:
+        bundle["scaler"] = trainer.scaler.state_dict()  # the loss scale and its growth counter
+    return bundle
 
 
 # day21_checkpoints.ipynb, cell 11
@@ -210,6 +217,8 @@ def restore_trainer(bundle: dict, *, data: TrainingData | None = None, overrides
     trainer.best_val_loss = bundle["best_val_loss"]
     trainer.elapsed_s = bundle["elapsed_s"]
     trainer.history = list(bundle["history"])
+    if trainer.scaler is not None and "scaler" in bundle:
+        trainer.scaler.load_state_dict(bundle["scaler"])
     rng = bundle["rng"]
     trainer.cpu_rng_state = rng["torch_cpu"]
     trainer.batch_generator.set_state(rng["batch_generator"])

@@ -1,5 +1,5 @@
 # Hand-written (not exported from a notebook): the `llmcourse` console script.
-"""The `llmcourse` command line: `llmcourse train` (Day 23), `llmcourse generate` (Day 30) and `llmcourse export`.
+"""The `llmcourse` command line: `llmcourse train` (Day 23; under torchrun, Day 35), `llmcourse generate` (Day 30) and `llmcourse export`.
 
 This file stays thin: it builds the parser and hands each command to its pieces in
 `llmcourse.commands`, which Day 30's notebook exports. Bad input ends with one line on stderr and exit
@@ -10,6 +10,7 @@ start at once, and the `train` flags (made from `TrainConfig`) are added only wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from . import __version__
@@ -19,6 +20,7 @@ from .commands import (  # noqa: F401  (ERRORS_EXIT and INTERRUPTED_EXIT stay im
     OneLineParser,
     add_generate_arguments,
     add_train_arguments,
+    report_error,
     run_generate,
     run_train,
 )
@@ -69,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
-        return run_train(args)
+        from .distributed import distributed_session  # Day 35: join torchrun's processes, when it started several
+
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(distributed_session())
+            except (ValueError, RuntimeError) as err:
+                return report_error("train", err)
+            return run_train(args)
     if args.command == "generate":
         return run_generate(args)
     parser.print_help(sys.stdout)

@@ -88,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
             trainer = resume_run(args.resume, **overrides)
         else:
             trainer = start_run(preset_config(args.preset, **overrides), args.out)
-        print(describe_run(trainer), flush=True)
+        if trainer.rank == 0:  # under torchrun (Day 35) the first process speaks for all
+            print(describe_run(trainer), flush=True)
         trainer.run()
     except KeyboardInterrupt:
         where = f" at step {trainer.step}" if trainer is not None else ""
@@ -97,6 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
         return INTERRUPTED_EXIT
     except (ValueError, TypeError, OSError, CheckpointError, NonFiniteLossError) as err:
         return report_error("train", err)
+    if trainer.rank != 0:
+        return 0
     took = f"{trainer.elapsed_s:.0f} s" if trainer.elapsed_s < 120 else f"{trainer.elapsed_s / 60:.1f} min"
     print(f"done: {trainer.step} steps in {took}; best validation loss {trainer.best_val_loss:.4f}; files in {args.resume or args.out}")
     return 0

@@ -9,6 +9,7 @@ __all__ = ['WEIGHTINGS', 'IGNORE_INDEX', 'split_batch', 'accumulate_gradients', 
 
 
 # day34_accumulation_checkpointing.ipynb, cell 8
+import contextlib
 import math
 import statistics
 import time
@@ -75,7 +76,9 @@ def accumulate_gradients(
     loss, and so its gradient, when the micro-batches count equal numbers of targets; only "tokens" does
     when they do not. Nothing is read back into Python (the counts stay on the device). Gradients add to
     whatever ``.grad`` holds: zero them first (``accumulation_step`` does). A micro-batch with no counted
-    target has a nan loss, and makes every gradient nan.
+    target has a nan loss, and makes every gradient nan. When ``model`` has a ``no_sync`` method
+    (the ``DistributedDataParallel`` wrapper of Day 35), every micro-batch but the last runs inside
+    it, so that the processes average their gradients once per step instead of once per micro-batch.
 
     Args:
         model: a model whose ``forward(idx, targets)`` returns ``(logits, mean loss)`` (a ``GPT``).
@@ -101,11 +104,14 @@ def accumulate_gradients(
     else:
         weights = [1.0 / len(batches)] * len(batches)
     total = torch.zeros((), device=batches[0][0].device)
-    for (x, y), weight in zip(batches, weights):
-        with autocast_context(x.device, dtype):
-            _, loss = model(x, y)  # the (b, T, V) logits are let go at once
-        loss = loss.float() * weight
-        (loss if scaler is None else scaler.scale(loss)).backward()  # frees this micro-batch's activations
+    no_sync = getattr(model, "no_sync", None)  # Day 35's DistributedDataParallel has one
+    for i, ((x, y), weight) in enumerate(zip(batches, weights)):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            with autocast_context(x.device, dtype):
+                _, loss = model(x, y)  # the (b, T, V) logits are let go at once
+            loss = loss.float() * weight
+            (loss if scaler is None else scaler.scale(loss)).backward()  # frees this micro-batch's activations
         total += loss.detach()
     return total
 

@@ -12,6 +12,7 @@ __all__ = ['PRESETS', 'preset_config', 'RUN_FILES', 'RESUMABLE', 'start_run', 'r
 import os
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, Checkpointer, load_checkpoint, restore_trainer
@@ -44,7 +45,8 @@ def preset_config(name: str | None = None, **overrides) -> TrainConfig:
 
 # day23_shakespeare_gpt.ipynb, cell 8
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")
-RESUMABLE = ("max_steps", "eval_interval", "eval_iters", "log_interval", "device")  # settings a resumed run may change
+# settings a resumed run may change: the length of the run, its reports, and how (not what) it computes
+RESUMABLE = ("max_steps", "eval_interval", "eval_iters", "log_interval", "device", "compile", "grad_accum_steps", "activation_checkpointing")
 
 
 def start_run(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> Trainer:
@@ -101,5 +103,22 @@ def describe_run(trainer: Trainer) -> str:
         f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size}: {n_params:,} parameters",
         f"data: {cfg.corpus!r}, {cfg.tokenizer} tokenizer ({trainer.data.tokenizer.vocab_size} tokens); "
         f"{len(trainer.data.train):,} training and {len(trainer.data.val):,} validation tokens",
-        f"training: {cfg.max_steps:,} steps of {cfg.batch_size} x {cfg.block_size} tokens ({tokens:,} in all) on {trainer.device}, {start}",
+        f"training: {cfg.max_steps:,} steps of {cfg.batch_size} x {cfg.block_size} tokens ({tokens:,} in all) on {trainer.device}, {start}"
+        + "".join(f"; {how}" for how in _week6_settings(trainer)),
     ])
+
+
+def _week6_settings(trainer: Trainer) -> list[str]:
+    """How a run scaled up (Week 6), in words: the precision, compile, micro-batches, processes."""
+    cfg, how = trainer.config, []
+    if trainer.dtype != torch.float32:
+        how.append(f"{str(trainer.dtype).removeprefix('torch.')} autocast" + (" with a loss scaler" if trainer.scaler is not None else ""))
+    if cfg.compile:
+        how.append("compiled")
+    if cfg.activation_checkpointing:
+        how.append("activation checkpointing")
+    if cfg.grad_accum_steps > 1:
+        how.append(f"{cfg.grad_accum_steps} micro-batches per step")
+    if trainer.world_size > 1:
+        how.append(f"{trainer.world_size} processes ({cfg.batch_size // trainer.world_size} sequences each)")
+    return how

@@ -5,10 +5,11 @@
 Today you write the loop that trains a GPT: `TrainConfig`, which holds every setting of a run, and `Trainer`, which draws batches, computes the loss, clips the gradient, steps AdamW on yesterday's schedule, evaluates both splits now and then, shows a progress bar and writes every measurement to a `log.jsonl` file. By the end of the day a small Shakespeare model has trained in front of you and you can read its loss curve.
 """
 
-__all__ = ['TOKENIZERS', 'TrainConfig', 'Tokenizer', 'TrainingData', 'encode_text', 'prepare_data', 'clip_grad_norm', 'NonFiniteLossError', 'Callback', 'Trainer']
+__all__ = ['TOKENIZERS', 'DTYPE_NAMES', 'TrainConfig', 'Tokenizer', 'TrainingData', 'encode_text', 'prepare_data', 'clip_grad_norm', 'NonFiniteLossError', 'Callback', 'Trainer']
 
 
 # day20_training_loop.ipynb, cell 4
+import contextlib
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from .schedule import LRScheduler, cosine_lr
 
 # day20_training_loop.ipynb, cell 6
 TOKENIZERS = ("char", "bpe")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # Week 6: the precision of a run
 
 
 def _setting(default, help: str):
@@ -82,6 +84,11 @@ class TrainConfig:
     # the run
     seed: int = _setting(1337, "the seed of the initialization, the batches and dropout")
     device: str = _setting("auto", "cpu, cuda, cuda:N, mps, or auto (a GPU when there is one)")
+    # scaling up (Week 6); the defaults train exactly as Day 20 does
+    dtype: str = _setting("float32", "float32, bfloat16, float16 (with a loss scaler) or auto (Day 32's choice for the device)")
+    compile: bool = _setting(False, "torch.compile the model (Day 33; needs a C compiler)")
+    grad_accum_steps: int = _setting(1, "micro-batches per step: batch_size is split over them and over torchrun's processes (Days 34, 35)")
+    activation_checkpointing: bool = _setting(False, "recompute each block's activations in backward: less memory, more time (Day 34)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,7 +101,7 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{f.name} must be True or False, got {value!r}")
             if f.type in (str, "str") and not isinstance(value, str):
                 raise TypeError(f"TrainConfig.{f.name} must be a string, got {value!r}")
-        positive = ("bpe_vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval")
+        positive = ("bpe_vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
@@ -112,6 +119,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"TrainConfig.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
         self.model_config(vocab_size=1)  # the model settings must make a GPT (n_embd divisible by n_head...)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -127,7 +138,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, settings: dict) -> "TrainConfig":
-        """A TrainConfig from ``to_dict``'s output; unknown keys are refused with their names."""
+        """A TrainConfig from ``to_dict``'s output; unknown keys are refused with their names.
+
+        Missing keys take their defaults, so a config saved before a setting existed still loads.
+        """
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig setting(s): {', '.join(unknown)}")
@@ -235,6 +249,13 @@ class Callback:
         pass
 
 
+def _process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed was started (Day 35)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class Trainer:
     """One training run: the data, the model, the optimizer, the schedule, and the loop.
 
@@ -247,6 +268,8 @@ class Trainer:
 
     Attributes:
         step: optimizer steps taken so far.
+        rank, world_size: this process's number and the number of processes (0 and 1 unless torchrun
+            started several, Day 35). Only rank 0 writes the log, shows the bar and calls the callbacks.
         best_val_loss: the lowest validation loss of any evaluation (inf before the first).
         history: every record, in order (the same dicts as ``log.jsonl``).
     """
@@ -263,10 +286,26 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer expects a TrainConfig, got {type(config).__name__}")
         self.config = config
+        self.rank, self.world_size = _process_rank()
+        if config.batch_size % (self.world_size * config.grad_accum_steps):
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the {self.world_size} processes "
+                f"times grad_accum_steps {config.grad_accum_steps}: it is the global batch, split between them"
+            )
         self.device = get_device(None if config.device == "auto" else config.device)
+        if self.device.type == "cuda" and self.device.index is None and self.world_size > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the GPU torchrun gave this process
         self.data = prepare_data(config) if data is None else data
         set_seed(config.seed)  # the initialization, and dropout's random numbers, follow the seed
         self.model = GPT(config.model_config(self.data.tokenizer.vocab_size)).to(self.device)
+        self.training_model = self.model  # what train_step calls: Week 6 may compile or wrap it; self.model stays plain
+        self.dtype, self.scaler = torch.float32, None
+        self.scaled_up = self.world_size > 1 or any(
+            getattr(config, name) != default for name, default in
+            (("dtype", "float32"), ("compile", False), ("grad_accum_steps", 1), ("activation_checkpointing", False))
+        )
+        if self.scaled_up:
+            self._scale_up()
         # Dropout draws from torch's global generators. The trainer keeps their state as its own and
         # swaps it in only while it runs, so two trainers (or anything else) never share a stream.
         self.cpu_rng_state = torch.get_rng_state()
@@ -278,9 +317,10 @@ class Trainer:
         self.schedule = partial(cosine_lr, max_lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps, decay_steps=config.max_steps)
         self.lr_scheduler = LRScheduler(self.optimizer, self.schedule)
         self.batch_generator = torch.Generator().manual_seed(config.seed)  # the training batches, on the CPU
-        self.log_path = None if log_path is None else Path(log_path)
-        self.callbacks = list(callbacks)
-        self.progress = progress
+        main = self.rank == 0  # under torchrun, only the first process logs, reports and saves
+        self.log_path = None if log_path is None or not main else Path(log_path)
+        self.callbacks = list(callbacks) if main else []
+        self.progress = progress and main
         self.step = 0
         self.best_val_loss = math.inf
         self.elapsed_s = 0.0  # training time so far, carried over when a run resumes
@@ -291,11 +331,14 @@ class Trainer:
         """One optimizer step; returns the batch loss and the gradient norm (tensors, not read back) and the lr."""
         lr = self.lr_scheduler.apply(self.step)
         x, y = get_batch(self.data.train, self.config.batch_size, self.config.block_size, device=self.device, generator=self.batch_generator)
-        _, loss = self.model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_grad_norm(self.model.parameters(), self.config.grad_clip or math.inf)
-        self.optimizer.step()
+        if self.scaled_up:
+            loss, grad_norm = self._scaled_step(x, y)
+        else:
+            _, loss = self.model(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_grad_norm(self.model.parameters(), self.config.grad_clip or math.inf)
+            self.optimizer.step()
         self.step += 1
         return loss.detach(), grad_norm, lr
 
@@ -303,7 +346,65 @@ class Trainer:
         """The mean loss on ``eval_iters`` batches of each split; the same batches at every evaluation."""
         generator = torch.Generator().manual_seed(self.config.seed + 1)
         splits = {"train": self.data.train, "val": self.data.val}
-        return estimate_loss(self.model, splits, self.config.batch_size, self.config.block_size, self.config.eval_iters, generator)
+        with self._autocast():
+            return estimate_loss(self.model, splits, self.config.batch_size, self.config.block_size, self.config.eval_iters, generator)
+
+    # Week 6. The modules of days 32-35 are imported where a setting needs them: they come later in the
+    # course than this loop, which needs none of them for a plain run.
+    def _scale_up(self) -> None:
+        """Mixed precision (Day 32), activation checkpointing (Day 34), compile (Day 33) and DDP (Day 35)."""
+        from .amp import make_grad_scaler, resolve_dtype
+
+        cfg = self.config
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        scaler = make_grad_scaler(self.device, self.dtype)  # enabled for float16 only
+        self.scaler = scaler if scaler.is_enabled() else None
+        if cfg.activation_checkpointing:
+            from .memory import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)  # before compiling, so that the graph recomputes
+        model = self.model
+        if self.world_size > 1:
+            from .distributed import wrap_ddp
+
+            model = wrap_ddp(model, self.device)
+        if cfg.compile:
+            from .kernels import compile_model
+
+            model = compile_model(model)  # compiled after DDP, as PyTorch advises
+        self.training_model = model
+
+    def _scaled_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of the global batch, in grad_accum_steps micro-batches: Day 34's step."""
+        from .memory import accumulation_step
+
+        share = x.shape[0] // self.world_size  # (B / world_size, T) for each process
+        x, y = x[self.rank * share:(self.rank + 1) * share], y[self.rank * share:(self.rank + 1) * share]
+        return accumulation_step(
+            self.training_model, self.optimizer, x, y, self.config.grad_accum_steps, self.config.grad_clip,
+            weighting="mean", dtype=self.dtype, scaler=self.scaler,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        from .amp import autocast_context
+
+        return autocast_context(self.device, self.dtype)
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        from .distributed import mean_across_ranks
+
+        return mean_across_ranks(value)
+
+    def _agree_to_stop(self) -> None:
+        """Every process stops when rank 0's callbacks say so (the others run none)."""
+        if self.world_size > 1:
+            from .distributed import broadcast_flag
+
+            self.should_stop = broadcast_flag(self.should_stop)
 
     def run(self) -> list[dict]:
         """Train until ``config.max_steps`` (or a callback stops it); returns ``history``.
@@ -360,7 +461,7 @@ class Trainer:
             bar.update(1)
             last = self.step == cfg.max_steps
             if self.step % cfg.log_interval == 0 or last:
-                train_loss = (loss_sum / steps_in_log).item()  # the one host synchronization of a log interval
+                train_loss = self._mean_over_processes(loss_sum / steps_in_log).item()  # the one host synchronization of a log interval
                 now = time.perf_counter()
                 record = self._record(
                     step=self.step, train_loss=train_loss, val_loss=None, lr=lr,
@@ -372,6 +473,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 for callback in self.callbacks:
                     callback.on_log(self, record)
+                self._agree_to_stop()
                 loss_sum = grad_sum = None
                 steps_in_log, log_start = 0, time.perf_counter()
             if self.step % cfg.eval_interval == 0 or last:
@@ -391,6 +493,7 @@ class Trainer:
             self._check_finite(value, f"{name} (evaluation)")
         for callback in self.callbacks:
             callback.on_eval(self, {**record, "improved": improved})
+        self._agree_to_stop()
         return record
 
     def _record(self, **record) -> dict:

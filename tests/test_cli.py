@@ -85,6 +85,11 @@ def test_train_refuses_bad_input_with_one_line_and_status_2(tmp_path, corpus_fil
     assert "no last.pt" in one_line_error(capsys, train("--resume", tmp_path))
     assert "keeps its settings" in one_line_error(capsys, train("--resume", out, "--n-embd", "32"))
     assert "--preset" in one_line_error(capsys, train("--resume", out, "--preset", "tiny"))
+    # Week 6's flags are checked the same way
+    assert "dtype must be one of" in one_line_error(capsys, train(*TINY_FLAGS, "--dtype", "float64", "--out", tmp_path / "c"))
+    assert "divisible by grad_accum_steps" in one_line_error(capsys, train(*TINY_FLAGS, "--batch-size", "10", "--grad-accum-steps", "4", "--out", tmp_path / "d"))
+    assert "keeps its settings" in one_line_error(capsys, train("--resume", out, "--dtype", "bfloat16"))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "last.pt").write_bytes((out / "last.pt").read_bytes()[:1000])
