@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "notebooks" / "data" / "gpu_report.json"
-SECTIONS = {"day31": "llmcourse.perf", "day32": "llmcourse.amp", "day33": "llmcourse.kernels", "day34": "llmcourse.memory"}  # key -> module
+SECTIONS = {"day31": "llmcourse.perf", "day32": "llmcourse.amp", "day33": "llmcourse.kernels", "day34": "llmcourse.memory", "day36": "llmcourse.capstone"}  # key -> module
 
 
 def main(argv: list[str] | None = None) -> int:
