@@ -1,5 +1,5 @@
 # Hand-written (not exported from a notebook): the `llmcourse` console script.
-"""The `llmcourse` command line: `llmcourse train` (Day 23; under torchrun, Day 35), `llmcourse generate` (Day 30) and `llmcourse export`.
+"""The `llmcourse` command line: `llmcourse train` (Day 23; under torchrun, Day 35), `llmcourse generate` (Day 30), `llmcourse export-hf` (Day 38) and `llmcourse export`.
 
 This file stays thin: it builds the parser and hands each command to its pieces in
 `llmcourse.commands`, which Day 30's notebook exports. Bad input ends with one line on stderr and exit
@@ -37,6 +37,18 @@ examples:
   llmcourse generate --checkpoint runs/tiny --num-samples 3 --output-file samples.txt
 """
 
+EXPORT_HF_DESCRIPTION = """\
+Write a trained model as a Hugging Face folder: config.json, model.safetensors, tokenizer_config.json and
+the model's and tokenizer's code, which transformers loads with trust_remote_code=True and no llmcourse
+installed. DIR must be new, empty, or an earlier export-hf folder (whose files are overwritten); a folder
+holding anything else is refused. Bad input ends with one line on stderr and exit status 2.
+"""
+EXPORT_HF_EXAMPLES = """\
+examples:
+  llmcourse export-hf --out shakespeare-char-hf
+  llmcourse export-hf --checkpoint runs/tiny --out tiny-hf        # a run folder of llmcourse train: its best.pt
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="llmcourse", description="Build, train and run a GPT from scratch.")
@@ -60,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_generate_arguments(generate)
+    export_hf = sub.add_parser(
+        "export-hf",
+        help="write a model as a Hugging Face folder that transformers loads (llmcourse export-hf --help)",
+        description=EXPORT_HF_DESCRIPTION,
+        epilog=EXPORT_HF_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export_hf.add_argument("--checkpoint", default="shakespeare-char", metavar="NAME|PATH",
+                           help="shakespeare-char (the default, a model the package ships), a checkpoint file, "
+                                "or a run folder of llmcourse train, whose best.pt is used")
+    export_hf.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its flags come from TrainConfig: import torch only when they are needed
         add_train_arguments(train)
@@ -81,5 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "export-hf":
+        from .hf import run_export_hf  # Day 38; imports torch, so only for this command
+
+        return run_export_hf(args)
     parser.print_help(sys.stdout)
     return 0
