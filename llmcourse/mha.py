@@ -8,7 +8,7 @@ Today you will build `CausalSelfAttention`, the attention layer of GPT-2: severa
 __all__ = ['IMPLEMENTATIONS', 'check_implementation', 'CausalSelfAttention']
 
 
-# day14_multi_head.ipynb, cell 13
+# day14_multi_head.ipynb, cell 14
 from numbers import Integral, Real
 
 import torch
@@ -31,7 +31,7 @@ def check_implementation(value: str) -> str:
     return value
 
 
-# day14_multi_head.ipynb, cell 14
+# day14_multi_head.ipynb, cell 15
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, as in GPT-2: position t attends to positions 0..t only.
 

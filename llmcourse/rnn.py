@@ -19,7 +19,7 @@ from .embeddings import embed_token_ids
 from .functional import softmax
 
 
-# day12_lstm.ipynb, cell 6
+# day12_lstm.ipynb, cell 9
 class LSTMCell(nn.Module):
     """One step of an LSTM, written out; same parameters, gate order and results as ``nn.LSTMCell``.
 
@@ -118,7 +118,7 @@ class LSTMCell(nn.Module):
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
 
-# day12_lstm.ipynb, cell 15
+# day12_lstm.ipynb, cell 18
 def unroll(
     cell: nn.Module, inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -145,7 +145,7 @@ def unroll(
     return torch.stack(outputs, dim=1), state  # (B, T, H)
 
 
-# day12_lstm.ipynb, cell 18
+# day12_lstm.ipynb, cell 21
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H), as nn.LSTM
 
 

@@ -1,4 +1,4 @@
-"""llmcourse.batches (Day 9): train_val_split, get_batch, TokenWindows, token files on disk."""
+"""llmcourse.batches (Day 9): train_val_split, get_batch, TokenWindows, pad_batch, token files on disk."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from llmcourse.batches import (
+    IGNORE_INDEX,
     TOKEN_FILE_MAGIC,
+    PaddedBatch,
     TokenFileHeader,
     TokenWindows,
     _pin_for_copy,
     get_batch,
+    pad_batch,
     read_token_header,
     read_tokens,
     token_dtype,
@@ -311,3 +314,68 @@ def test_get_batch_samples_a_token_file(tmp_path):
     from_file = get_batch(tokens, 8, 64, generator=torch.Generator().manual_seed(2))
     from_tensor = get_batch(torch.from_numpy(ids), 8, 64, generator=torch.Generator().manual_seed(2))
     assert all(torch.equal(a, b) for a, b in zip(from_file, from_tensor))
+
+
+# ---- pad_batch -----------------------------------------------------------------------------------------
+
+
+def test_pad_batch_pads_inputs_targets_and_mask():
+    batch = pad_batch([torch.tensor([5, 6, 7, 8]), torch.tensor([1, 2]), np.array([3, 4, 9], dtype=np.uint16)], pad_id=0)
+    assert isinstance(batch, PaddedBatch) and IGNORE_INDEX == -100
+    assert batch.x.tolist() == [[5, 6, 7], [1, 0, 0], [3, 4, 0]]
+    assert batch.y.tolist() == [[6, 7, 8], [2, -100, -100], [4, 9, -100]]
+    assert batch.mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert batch.x.dtype == batch.y.dtype == torch.int64 and batch.mask.dtype == torch.bool
+
+
+def test_pad_batch_custom_ids_and_equal_lengths():
+    batch = pad_batch([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], pad_id=7, ignore_index=-1)
+    assert batch.x.tolist() == [[1, 2], [4, 7]] and batch.y.tolist() == [[2, 3], [5, -1]]
+    same = pad_batch([torch.arange(5), torch.arange(5, 10)])
+    assert same.mask.all() and torch.equal(same.x[:, 1:], same.y[:, :-1])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 49), min_size=2, max_size=12), min_size=1, max_size=6))
+def test_pad_batch_keeps_every_pair(seqs):
+    batch = pad_batch([torch.tensor(s) for s in seqs], pad_id=3)
+    assert batch.x.shape == batch.y.shape == batch.mask.shape == (len(seqs), max(map(len, seqs)) - 1)
+    for b, s in enumerate(seqs):
+        n = len(s) - 1
+        assert batch.x[b, :n].tolist() == s[:-1] and batch.y[b, :n].tolist() == s[1:]
+        assert batch.mask[b].sum() == n and (batch.y[b, n:] == -100).all() and (batch.x[b, n:] == 3).all()
+
+
+def test_pad_batch_loss_ignores_the_padding():
+    batch = pad_batch([torch.tensor([1, 2, 3, 4, 5]), torch.tensor([6, 7])])
+    logits = torch.randn(*batch.x.shape, 10, generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, 10), batch.y.view(-1), ignore_index=IGNORE_INDEX)
+    per_position = torch.nn.functional.cross_entropy(logits.view(-1, 10), batch.y.view(-1).clamp(min=0), reduction="none")
+    torch.testing.assert_close(loss, per_position.view(batch.y.shape)[batch.mask].mean())
+
+
+def test_pad_batch_is_a_collate_fn():
+    items = [torch.arange(n) for n in (3, 6, 2, 5)]
+    loader = DataLoader(items, batch_size=2, collate_fn=pad_batch)
+    shapes = [tuple(b.x.shape) for b in loader]
+    assert shapes == [(2, 5), (2, 4)]
+    x, y, mask = next(iter(loader))
+    assert mask.sum().item() == 2 + 5
+
+
+@pytest.mark.parametrize(
+    "sequences, kwargs, error, match",
+    [
+        ([], {}, ValueError, "at least one"),
+        ([torch.tensor([1])], {}, ValueError, "at least 2"),
+        ([torch.tensor([[1, 2]])], {}, ValueError, "1-D"),
+        ([torch.tensor([1.0, 2.0])], {}, TypeError, "integer"),
+        ([[1, 2, 3]], {}, TypeError, "numpy array"),
+        ([torch.tensor([1, 2])], {"pad_id": -1}, ValueError, "pad_id"),
+        ([torch.tensor([1, 2])], {"pad_id": 1.0}, TypeError, "pad_id"),
+        ([torch.tensor([1, 2])], {"ignore_index": True}, TypeError, "ignore_index"),
+    ],
+)
+def test_pad_batch_rejects_bad_input(sequences, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pad_batch(sequences, **kwargs)

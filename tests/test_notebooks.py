@@ -125,3 +125,36 @@ def test_shape_of_a_day(path):
         src = "".join(cell["source"])
         if any(k in src for k in ("plt.plot", "plt.imshow", "plt.subplots", "plt.bar", "plt.figure")):
             assert src.rstrip().endswith("plt.show()"), f"{path.name}: a plotting cell must end with plt.show()"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_day_has_a_worked_solution(path):
+    """At least one exercise is solved in a folded, executed cell that checks its answer (CONVENTIONS.md)."""
+    solutions = [c for c in code_cells(load(path)) if {"solution", "hide-cell"} <= set(c.get("metadata", {}).get("tags", []))]
+    assert solutions, f"{path.name}: no code cell tagged solution and hide-cell"
+    for cell in solutions:
+        assert "assert" in "".join(cell["source"]), f"{path.name}: a worked solution must end in an assert that checks it"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_headings_carry_no_math(path):
+    """The book's side contents show math in a heading as raw LaTeX."""
+    for cell in load(path)["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        for line in "".join(cell["source"]).splitlines():
+            if line.startswith("#"):
+                assert "$" not in line and "\\(" not in line, f"{path.name}: math in the heading {line!r}"
+
+
+TRACEBACK_SIGNS = ("Traceback (most recent call last)", "NameResolutionError", "Max retries exceeded", "Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_page_shows_a_traceback_or_a_network_error(path):
+    """Deliberate errors are printed as one line by an except block; nothing else of an error reaches the page."""
+    for index, cell in enumerate(code_cells(load(path)), start=1):
+        for output in cell["outputs"]:
+            text = "".join(output.get("text", "")) + json.dumps(output.get("data", {}).get("text/plain", ""))
+            for sign in TRACEBACK_SIGNS:
+                assert sign not in text, f"{path.name}: code cell {index} shows {sign!r}"
