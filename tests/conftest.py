@@ -69,3 +69,19 @@ def poison_loss():
         trainer.model.forward = poisoned
 
     return poison
+
+
+@pytest.fixture
+def stop_at():
+    """``stop_at(step)``: a Callback that stops the run at the evaluation of ``step`` (half of a resume test)."""
+    from llmcourse.train import Callback
+
+    class StopAt(Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_eval(self, trainer, record) -> None:
+            if trainer.step == self.step:
+                trainer.should_stop = True
+
+    return StopAt

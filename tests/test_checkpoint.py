@@ -33,7 +33,7 @@ from llmcourse.checkpoint import (
     weights_only_bundle,
 )
 from llmcourse.data import load_corpus
-from llmcourse.train import Callback, TrainConfig, Trainer, prepare_data
+from llmcourse.train import TrainConfig, Trainer, prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +42,6 @@ def small_config(corpus: Path, **overrides) -> TrainConfig:
     settings = dict(corpus=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=40,
                     warmup_steps=5, eval_interval=10, eval_iters=2, log_interval=5, dropout=0.1)
     return TrainConfig(**{**settings, **overrides})
-
-
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_eval(self, trainer, record) -> None:
-        if trainer.step == self.step:
-            trainer.should_stop = True
 
 
 def same_tensors(a: dict, b: dict) -> bool:
@@ -183,12 +174,12 @@ def test_weights_only_bundle_loads_but_cannot_resume(finished, tmp_path):
 # ---- resuming ----------------------------------------------------------------------------------------
 
 
-def test_resume_in_process_is_bitwise_exact(corpus_file, tmp_path):
+def test_resume_in_process_is_bitwise_exact(corpus_file, tmp_path, stop_at):
     config = small_config(corpus_file)
     data = prepare_data(config)
     straight = Trainer(config, data, progress=False)
     straight.run()
-    half = Trainer(config, data, progress=False, callbacks=[StopAt(20)])
+    half = Trainer(config, data, progress=False, callbacks=[stop_at(20)])
     half.run()
     save_checkpoint(trainer_state(half), tmp_path / "half.pt")
     resumed = restore_trainer(load_checkpoint(tmp_path / "half.pt"), progress=False)  # data prepared again from the file

@@ -14,7 +14,7 @@ import torch
 from llmcourse.checkpoint import load_checkpoint, restore_trainer, save_checkpoint, trainer_state
 from llmcourse.memory import CheckpointedBlock
 from llmcourse.presets import RESUMABLE, describe_run
-from llmcourse.train import Callback, TrainConfig, Trainer, prepare_data
+from llmcourse.train import TrainConfig, Trainer, prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +110,11 @@ def test_float16_uses_a_grad_scaler_saved_in_checkpoints(tiny_config, data):
     assert "scaler" not in trainer_state(trained(tiny_config(), data))
 
 
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_eval(self, trainer, record) -> None:
-        if trainer.step == self.step:
-            trainer.should_stop = True
-
-
 @pytest.mark.parametrize("settings", [dict(dtype="float16", dropout=0.1), dict(grad_accum_steps=2, activation_checkpointing=True, dropout=0.1)])
-def test_a_week6_run_resumes_bit_for_bit(tiny_config, data, tmp_path, settings):
+def test_a_week6_run_resumes_bit_for_bit(tiny_config, data, tmp_path, settings, stop_at):
     config = tiny_config(**settings)
     whole = trained(config, data)
-    half = trained(config, data, callbacks=[StopAt(10)])
+    half = trained(config, data, callbacks=[stop_at(10)])
     assert half.step == 10
     save_checkpoint(trainer_state(half), tmp_path / "last.pt")
     resumed = restore_trainer(load_checkpoint(tmp_path / "last.pt"), data=data, progress=False)
